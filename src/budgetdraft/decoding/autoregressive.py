@@ -1,0 +1,100 @@
+"""Autoregressive decoding: one jitted `lax.while_loop` over a static-shape `DecodeState`."""
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from budgetdraft.decoding import sampling as sampling_lib
+from budgetdraft.decoding.prefill import check_request, prefill
+from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.transformer import Transformer
+
+
+@flax.struct.dataclass
+class DecodeState:
+  """tokens: [B, max_new] emitted tokens (pad after EOS); num_emitted: [B]; step: scalar."""
+
+  cache: FullKVCache
+  tokens: jax.Array
+  num_emitted: jax.Array
+  done: jax.Array
+  step: jax.Array
+  last_token: jax.Array  # [B] the token whose logits come next
+  rng: jax.Array
+
+
+def _emit(state: DecodeState, logits, sampling, eos_id, pad_id) -> DecodeState:
+  """Samples one token per row and records it; rows past EOS record pad_id."""
+  rng, step_rng = jax.random.split(state.rng)
+  token = sampling_lib.sample(step_rng, sampling_lib.probabilities(logits, sampling))
+  token = jnp.where(state.done, pad_id, token)
+  tokens = state.tokens.at[:, state.step].set(token)
+  num_emitted = state.num_emitted + (~state.done).astype(jnp.int32)
+  done = state.done | (token == eos_id) if eos_id is not None else state.done
+  return state.replace(tokens=tokens, num_emitted=num_emitted, done=done, step=state.step + 1,
+                       last_token=token, rng=rng)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id",
+                                             "pad_id", "chunk_size"))
+def start(params, prompt, prompt_lengths, rng, *, config: ModelConfig, max_new_tokens: int,
+          sampling: sampling_lib.SamplingConfig, eos_id, pad_id: int, chunk_size: int):
+  """Prefills the prompt and emits the first token."""
+  batch, prompt_len = prompt.shape
+  capacity = check_request(config, prompt_len, max_new_tokens, chunk_size)
+  model = Transformer(config)
+  logits, cache = prefill(model, params, prompt, prompt_lengths,
+                          FullKVCache.init(config, batch, capacity), chunk_size)
+  state = DecodeState(cache=cache, tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+                      num_emitted=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+                      step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((batch,), jnp.int32),
+                      rng=rng)
+  return _emit(state, logits, sampling, eos_id, pad_id)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "sampling", "eos_id", "pad_id"))
+def decode(params, state: DecodeState, *, config: ModelConfig,
+           sampling: sampling_lib.SamplingConfig, eos_id, pad_id: int) -> DecodeState:
+  """Runs one-token steps until every row hit EOS or max_new_tokens were emitted."""
+  model = Transformer(config)
+  max_new_tokens = state.tokens.shape[1]
+
+  def running(state):
+    return (state.step < max_new_tokens) & ~jnp.all(state.done)
+
+  def step(state):
+    positions = state.cache.length[:, None]
+    hidden, cache = model.apply({"params": params}, state.last_token[:, None], positions,
+                                state.cache)
+    logits = model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
+    return _emit(state.replace(cache=cache), logits, sampling, eos_id, pad_id)
+
+  return jax.lax.while_loop(running, step, state)
+
+
+def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_new_tokens: int,
+             sampling=sampling_lib.SamplingConfig(), eos_id=None, pad_id: int = 0,
+             chunk_size: int = 512) -> list[list[int]]:
+  """Generates up to max_new_tokens after each prompt (a batch of token lists, any lengths)."""
+  prompt, lengths = pad_prompts(prompts, pad_id)
+  kwargs = dict(config=config, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+  state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,
+                chunk_size=chunk_size, **kwargs)
+  state = decode(params, state, **kwargs)
+  tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
+  return [row[:n].tolist() for row, n in zip(tokens, counts)]
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int):
+  """Right-pads token lists into ([B, T] int32, lengths [B] int32)."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  width = max(len(p) for p in prompts)
+  prompt = np.full((len(prompts), width), pad_id, np.int32)
+  for row, p in zip(prompt, prompts):
+    row[:len(p)] = p
+  return jnp.asarray(prompt), jnp.asarray([len(p) for p in prompts], jnp.int32)

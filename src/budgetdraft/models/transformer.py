@@ -1,0 +1,152 @@
+"""Llama-family decoder in pure-functional Flax (linen).
+
+`Transformer.__call__(tokens, positions, cache, chunk_mask)` runs any number of new tokens against a
+`FullKVCache`: prefill and decode are the same function. Layers are stacked with `nn.scan` (one
+compiled layer, params with a leading `layers` axis), and the cache travels in the scan carry so that
+XLA updates it in place.
+
+Params tree (kernels are [in, out], stacked layers lead with L):
+  embed/embedding [V, dim]; layers/{attn_norm,mlp_norm}/scale [L, dim];
+  layers/{q,k,v,o,gate,up,down}_proj/kernel [L, in, out] (+ q/k/v bias when attention_bias);
+  final_norm/scale [dim]; lm_head/kernel [dim, V] when embeddings are untied.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models import attention
+from budgetdraft.models.config import ModelConfig
+
+
+def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
+  """[head_dim // 2] inverse frequencies, with Llama-3 scaling when configured."""
+  exponents = np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim
+  inv_freq = 1.0 / (config.rope_theta ** exponents)
+  scaling = config.rope_scaling
+  if scaling is not None:
+    wavelength = 2 * np.pi / inv_freq
+    low_wavelength = scaling.original_max_position / scaling.low_freq_factor
+    high_wavelength = scaling.original_max_position / scaling.high_freq_factor
+    smooth = (scaling.original_max_position / wavelength - scaling.low_freq_factor) / (
+        scaling.high_freq_factor - scaling.low_freq_factor)
+    blended = (1 - smooth) * inv_freq / scaling.factor + smooth * inv_freq
+    inv_freq = np.where(wavelength > low_wavelength, inv_freq / scaling.factor,
+                        np.where(wavelength < high_wavelength, inv_freq, blended))
+  return inv_freq.astype(np.float32)
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotate-half (HF/NeoX) RoPE. x: [B, T, H, D]; positions: [B, T]."""
+  angles = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, D/2]
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  first, second = jnp.split(x.astype(jnp.float32), 2, axis=-1)
+  rotated = jnp.concatenate([first * cos - second * sin, second * cos + first * sin], axis=-1)
+  return rotated.astype(x.dtype)
+
+
+def causal_chunk_mask(batch_size: int, num_new: int):
+  """[B, T, T] mask of ordinary causal attention within the new chunk."""
+  return jnp.broadcast_to(jnp.tril(jnp.ones((num_new, num_new), bool)),
+                          (batch_size, num_new, num_new))
+
+
+class RMSNorm(nn.Module):
+  eps: float
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, x):
+    scale = self.param("scale", nn.initializers.ones, (x.shape[-1],), self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+    return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class DecoderLayer(nn.Module):
+  """Pre-norm attention + SwiGLU block; called by `nn.scan` with the whole stacked cache in carry."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, layer, positions, cache_length, chunk_mask):
+    x, k_all, v_all = carry
+    c = self.config
+    dense = lambda features, name, bias=False: nn.Dense(
+        features, use_bias=bias, dtype=c.dtype, param_dtype=c.weight_dtype, name=name)
+    norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.weight_dtype, name=name)
+    batch, num_new, _ = x.shape
+    inv_freq = rope_inverse_frequencies(c)
+
+    h = norm("attn_norm")(x)
+    q = dense(c.num_heads * c.head_dim, "q_proj", c.attention_bias)(h)
+    k = dense(c.num_kv_heads * c.head_dim, "k_proj", c.attention_bias)(h)
+    v = dense(c.num_kv_heads * c.head_dim, "v_proj", c.attention_bias)(h)
+    q = apply_rope(q.reshape(batch, num_new, c.num_heads, c.head_dim), positions, inv_freq)
+    k = apply_rope(k.reshape(batch, num_new, c.num_kv_heads, c.head_dim), positions, inv_freq)
+    v = v.reshape(batch, num_new, c.num_kv_heads, c.head_dim)
+
+    # Write the chunk at [cache_length, cache_length + T) of each row; writes past capacity drop.
+    rows = jnp.arange(batch)[:, None]
+    slots = cache_length[:, None] + jnp.arange(num_new)[None, :]
+    k_all = k_all.at[layer, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
+    v_all = v_all.at[layer, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
+    attended = attention.cached_attention(q, k_all, v_all, layer, cache_length, chunk_mask,
+                                          c.attention_block)
+    x = x + dense(c.dim, "o_proj")(attended.reshape(batch, num_new, -1))
+
+    h = norm("mlp_norm")(x)
+    gated = nn.silu(dense(c.mlp_dim, "gate_proj")(h)) * dense(c.mlp_dim, "up_proj")(h)
+    x = x + dense(c.dim, "down_proj")(gated)
+    return (x, k_all, v_all), None
+
+
+class Transformer(nn.Module):
+  config: ModelConfig
+
+  def setup(self):
+    c = self.config
+    self.embed = nn.Embed(c.vocab_size, c.dim, dtype=c.dtype, param_dtype=c.weight_dtype,
+                          embedding_init=nn.initializers.normal(0.02))
+    self.layers = nn.scan(
+        DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
+        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)(c)
+    self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.weight_dtype)
+    if not c.tie_embeddings:
+      self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
+                              param_dtype=c.weight_dtype)
+
+  def __call__(self, tokens, positions, cache: FullKVCache, chunk_mask=None):
+    """Runs new tokens against the cache.
+
+    tokens, positions: [B, T]; chunk_mask: [B, T, T] visibility among the new tokens (default
+    causal; a tree mask for multi-path verification). Returns (hidden [B, T, dim] after the final
+    norm, cache holding the new keys with length + T).
+    """
+    batch, num_new = tokens.shape
+    if chunk_mask is None:
+      chunk_mask = causal_chunk_mask(batch, num_new)
+    x = self.embed(tokens)
+    (x, k_all, v_all), _ = self.layers((x, cache.k, cache.v), jnp.arange(self.config.num_layers),
+                                       positions, cache.length, chunk_mask)
+    new_cache = cache.replace(k=k_all, v=v_all, length=cache.length + num_new)
+    return self.final_norm(x), new_cache
+
+  def logits(self, hidden):
+    """float32 logits [..., V] of final hidden states."""
+    if self.config.tie_embeddings:
+      return self.embed.attend(hidden).astype(jnp.float32)
+    return self.lm_head(hidden).astype(jnp.float32)
+
+
+def init_params(config: ModelConfig, rng) -> dict:
+  """Random params (tests and drafters trained from scratch)."""
+  model = Transformer(config)
+  tokens = jnp.zeros((1, 1), jnp.int32)
+  cache = FullKVCache.init(config, 1, config.attention_block)
+  variables = model.init(rng, tokens, tokens, cache)
+  return variables["params"]
