@@ -148,5 +148,6 @@ def init_params(config: ModelConfig, rng) -> dict:
   model = Transformer(config)
   tokens = jnp.zeros((1, 1), jnp.int32)
   cache = FullKVCache.init(config, 1, config.attention_block)
-  variables = model.init(rng, tokens, tokens, cache)
-  return variables["params"]
+  # Trace the head too, so an untied lm_head is created.
+  forward = lambda module, *args: module.logits(module(*args)[0])
+  return model.init(rng, tokens, tokens, cache, method=forward)["params"]

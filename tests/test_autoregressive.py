@@ -1,0 +1,92 @@
+"""The jitted AR loop against a naive re-run-everything argmax loop, plus stops, sampling and limits."""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from budgetdraft.decoding import autoregressive
+from budgetdraft.decoding.sampling import SamplingConfig, probabilities
+from tests.test_transformer import full_logits
+
+
+def naive_greedy(config, params, prompt, num_tokens, width=64):
+  """Re-runs the whole (zero-padded, causal so padding is unseen) sequence for every token."""
+  tokens = list(prompt)
+  for _ in range(num_tokens):
+    padded = jnp.asarray([tokens + [0] * (width - len(tokens))])
+    tokens.append(int(jnp.argmax(full_logits(config, params, padded)[0, len(tokens) - 1])))
+  return tokens[len(prompt):]
+
+
+def test_greedy_matches_naive_loop_on_ragged_batch(tiny_model):
+  config, params = tiny_model
+  prompts = [list(range(5, 30)), [7, 8, 9], list(range(100, 140))]
+  out = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                max_new_tokens=12, chunk_size=16)
+  for prompt, generated in zip(prompts, out):
+    assert generated == naive_greedy(config, params, prompt, 12)
+
+
+def test_eos_stops_each_row_independently(tiny_model):
+  config, params = tiny_model
+  prompts = [list(range(5, 30)), [7, 8, 9]]
+  free = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                 max_new_tokens=8, chunk_size=16)
+  eos = free[0][2]  # the third token of row 0 becomes EOS
+  out = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                max_new_tokens=8, eos_id=eos, chunk_size=16)
+  assert out[0] == free[0][:3]
+  stop = free[1].index(eos) + 1 if eos in free[1] else 8
+  assert out[1] == free[1][:stop]
+
+
+def test_sampling_is_reproducible_and_seed_dependent(tiny_model):
+  config, params = tiny_model
+  sampling = SamplingConfig(temperature=1.0, top_p=0.95)
+  run = lambda seed: autoregressive.generate(params, [[1, 2, 3]] * 4, jax.random.key(seed),
+                                             config=config, max_new_tokens=10, sampling=sampling,
+                                             chunk_size=8)
+  assert run(0) == run(0)
+  assert run(0) != run(1)
+
+
+def test_first_sampled_token_follows_the_model_distribution(tiny_model):
+  """Chi-square over 4000 rows: the sampled first token ~ softmax(logits / T)."""
+  from scipy import stats
+  config, params = tiny_model
+  sampling = SamplingConfig(temperature=1.5)
+  prompt = [3, 1, 4, 1, 5]
+  out = autoregressive.generate(params, [prompt] * 4000, jax.random.key(7), config=config,
+                                max_new_tokens=1, sampling=sampling, chunk_size=8)
+  probs = np.asarray(probabilities(full_logits(config, params, jnp.asarray([prompt]))[0, -1],
+                                   sampling), np.float64)
+  counts = np.bincount([row[0] for row in out], minlength=config.vocab_size)
+  frequent = probs * 4000 >= 5  # pool the rare tokens into one cell
+  assert counts[probs == 0].sum() == 0
+  observed = np.append(counts[frequent], counts[~frequent].sum())
+  expected = np.append(probs[frequent], probs[~frequent].sum()) * 4000
+  observed, expected = observed[expected > 0], expected[expected > 0]
+  assert stats.chisquare(observed, expected / expected.sum() * observed.sum()).pvalue > 1e-3
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+  probs = jnp.log(jnp.array([0.5, 0.3, 0.15, 0.05]))
+  kept = probabilities(probs, SamplingConfig(temperature=1.0, top_p=0.7))
+  np.testing.assert_allclose(kept, [0.625, 0.375, 0.0, 0.0], atol=1e-6)
+  greedy = probabilities(probs, SamplingConfig())
+  np.testing.assert_array_equal(greedy, [1.0, 0.0, 0.0, 0.0])
+
+
+def test_rejects_requests_beyond_the_context(tiny_model):
+  config, params = tiny_model
+  short = dataclasses.replace(config, max_context=32)
+  with pytest.raises(ValueError, match="exceeds the model's context of 32"):
+    autoregressive.generate(params, [list(range(30))], jax.random.key(0), config=short,
+                            max_new_tokens=3)
+  with pytest.raises(ValueError, match="at least one token"):
+    autoregressive.generate(params, [[]], jax.random.key(0), config=config, max_new_tokens=3)
+  with pytest.raises(ValueError, match="temperature"):
+    SamplingConfig(temperature=-1.0)

@@ -1,0 +1,68 @@
+"""Data: packing without cross-document leakage, readers for every dataset, the prepared long_books."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+
+from budgetdraft.data import long_books, packing, readers
+
+
+def test_windows_never_cross_documents():
+  rng = np.random.default_rng(0)
+  # Document i holds tokens from its own range [1000 i, 1000 i + 999], so any mix would show.
+  docs = [rng.integers(1000 * i, 1000 * i + 1000, size=rng.integers(10, 300)).tolist()
+          for i in range(20)]
+  windows, doc_index, starts = packing.pack_windows(docs, window=64)
+  assert windows.shape == (sum(len(d) // 64 for d in docs), 64)
+  for window, i, start in zip(windows, doc_index, starts):
+    np.testing.assert_array_equal(window, docs[i][start:start + 64])
+    assert np.all(window // 1000 == i)
+  limited, _, _ = packing.pack_windows(docs, window=64, max_windows=3)
+  np.testing.assert_array_equal(limited, windows[:3])
+
+
+def test_long_books_builder_splits_by_document(tmp_path):
+  raw = tmp_path / "raw"
+  for source, count in (("a", 12), ("b", 9)):
+    os.makedirs(raw / source)
+    for i in range(count):
+      (raw / source / f"doc{i}.txt").write_text(f"{source} document {i} " * 50)
+  builder = long_books.prepare(str(raw), str(tmp_path / "tfds"))
+  ids = {split: [d.id for d in readers.documents("long_books", str(tmp_path / "tfds"), split)]
+         for split in ("train", "validation")}
+  assert sorted(ids["train"] + ids["validation"]) == sorted(
+      f"{s}/doc{i}" for s, n in (("a", 12), ("b", 9)) for i in range(n))
+  assert all(long_books.is_validation(i) for i in ids["validation"])
+  assert not any(long_books.is_validation(i) for i in ids["train"])
+  assert builder.info.splits["train"].num_examples == len(ids["train"])
+
+
+def test_pg19_text_layout_and_longbench_jsonl(tmp_path):
+  os.makedirs(tmp_path / "pg19" / "test")
+  (tmp_path / "pg19" / "test" / "123.txt").write_text("A long book.")
+  assert [(d.id, d.text) for d in readers.documents("pg19", str(tmp_path), "test")] == [
+      ("123", "A long book.")]
+  os.makedirs(tmp_path / "longbench")
+  with open(tmp_path / "longbench" / "narrativeqa.jsonl", "w") as f:
+    f.write(json.dumps({"_id": "x1", "context": "Once upon a time.", "input": "Who?"}) + "\n")
+  (doc,) = readers.documents("longbench", str(tmp_path), "test")
+  assert doc.id == "narrativeqa/x1" and doc.text == "Once upon a time.\n\nWho?"
+
+
+def test_missing_datasets_fail_clearly(tmp_path):
+  with pytest.raises(FileNotFoundError, match="run `make data`"):
+    readers.documents("long_books", str(tmp_path), "train")
+  with pytest.raises(FileNotFoundError, match="longbench"):
+    list(readers.documents("longbench", str(tmp_path), "test"))
+  with pytest.raises(ValueError, match="unknown dataset"):
+    readers.documents("c4", str(tmp_path), "train")
+
+
+def test_prepared_long_books_has_long_held_out_documents(data_dir):
+  validation = list(readers.documents("long_books", data_dir, "validation"))
+  train_ids = {d.id for d in readers.documents("long_books", data_dir, "train")}
+  assert validation and not train_ids & {d.id for d in validation}
+  assert any(d.id.startswith("shakespeare/") for d in validation)
+  assert max(len(d.text) for d in validation) > 16_000 * 4  # at least one ~16K-token document

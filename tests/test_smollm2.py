@@ -1,0 +1,49 @@
+"""End-to-end checks on the real default verifier, SmolLM2-135M-Instruct (Q4_1 GGUF)."""
+
+import jax
+import jax.numpy as jnp
+import pytest
+
+from budgetdraft import metrics
+from budgetdraft.data import readers
+from budgetdraft.decoding import autoregressive
+
+# Perplexity of the first 2048 next-token predictions of held-out documents, measured with
+# `metrics.perplexity` on 2026-11-22 (CPU, float32). With the wrong RoPE/Q-K convention it is > 100.
+RECORDED_PERPLEXITY = {"kjv/40_mark": 13.34, "austen/northangerabbey": 36.24,
+                       "shakespeare/henry_v": 36.85}
+
+
+@pytest.mark.slow
+def test_perplexity_on_held_out_passage(smollm2, data_dir):
+  config, params, tokenizer = smollm2
+  validation = {d.id: d for d in readers.documents("long_books", data_dir, "validation")}
+  doc_id = next(i for i in RECORDED_PERPLEXITY if i in validation)
+  tokens = tokenizer.encode(validation[doc_id].text)[:2049]
+  assert len(tokens) == 2049
+  ppl = metrics.perplexity(params, jnp.asarray([tokens]), config=config)
+  assert ppl == pytest.approx(RECORDED_PERPLEXITY[doc_id], rel=0.02)
+  assert ppl < 60
+
+
+@pytest.mark.slow
+def test_greedy_chat_answer_is_sensible(smollm2):
+  config, params, tokenizer = smollm2
+  prompt = tokenizer.encode(tokenizer.chat_prompt("What is the capital of France?"))
+  (answer,) = autoregressive.generate(params, [prompt], jax.random.key(0), config=config,
+                                      max_new_tokens=16, eos_id=tokenizer.eos_id,
+                                      pad_id=tokenizer.eos_id, chunk_size=64)
+  text = tokenizer.decode(answer)
+  assert "Paris" in text
+  assert answer[-1] == tokenizer.eos_id, text
+
+
+def test_tokenizer_round_trips_the_corpus(smollm2, data_dir):
+  _, _, tokenizer = smollm2
+  for doc in readers.documents("long_books", data_dir, "validation"):
+    sample = doc.text[:20_000]
+    assert tokenizer.decode(tokenizer.encode(sample)) == sample, doc.id
+  assert tokenizer.encode("The capital of France is") == [504, 3575, 282, 4649, 314]
+  assert tokenizer.encode("<|im_start|>") == [tokenizer.bos_id]
+  odd = "naïve café – 42 ½ \t\n emoji 🙂"
+  assert tokenizer.decode(tokenizer.encode(odd)) == odd

@@ -1,0 +1,144 @@
+"""The cached decoder against itself (full vs chunked vs step-by-step) and an independent numpy forward."""
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from budgetdraft.decoding.prefill import prefill
+from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.config import get_config
+from budgetdraft.models.transformer import Transformer, init_params
+
+# Logit tolerance per compute dtype (f32 accumulation order differs between chunkings).
+TOLERANCE = {"float32": 2e-5, "bfloat16": 0.15}
+
+
+def numpy_forward(config, params, tokens):
+  """Textbook Llama forward in float64 numpy, sharing no code with the model: logits [T, V]."""
+  p = jax.tree.map(lambda x: np.asarray(x, np.float64), params)
+  rms = lambda x, w: x / np.sqrt(np.mean(x * x, -1, keepdims=True) + config.norm_eps) * w
+  length, head_dim = len(tokens), config.head_dim
+  inv_freq = config.rope_theta ** (-np.arange(0, head_dim, 2) / head_dim)
+  angles = np.arange(length)[:, None] * inv_freq[None]
+  cos, sin = np.cos(angles)[:, None], np.sin(angles)[:, None]
+
+  def rope(x):  # [T, H, D], rotate-half
+    a, b = x[..., :head_dim // 2], x[..., head_dim // 2:]
+    return np.concatenate([a * cos - b * sin, b * cos + a * sin], -1)
+
+  x = p["embed"]["embedding"][tokens]
+  group = config.num_heads // config.num_kv_heads
+  causal = np.tril(np.ones((length, length), bool))
+  for i in range(config.num_layers):
+    layer = jax.tree.map(lambda w: w[i], p["layers"])
+    project = lambda h, name: h @ layer[name]["kernel"] + layer[name].get("bias", 0.0)
+    h = rms(x, layer["attn_norm"]["scale"])
+    q = rope(project(h, "q_proj").reshape(length, config.num_heads, head_dim))
+    k = rope(project(h, "k_proj").reshape(length, config.num_kv_heads, head_dim))
+    v = project(h, "v_proj").reshape(length, config.num_kv_heads, head_dim)
+    heads = []
+    for head in range(config.num_heads):
+      scores = q[:, head] @ k[:, head // group].T / np.sqrt(head_dim)
+      scores = np.where(causal, scores, -np.inf)
+      weights = np.exp(scores - scores.max(-1, keepdims=True))
+      heads.append((weights / weights.sum(-1, keepdims=True)) @ v[:, head // group])
+    x = x + np.concatenate(heads, -1) @ layer["o_proj"]["kernel"]
+    h = rms(x, layer["mlp_norm"]["scale"])
+    gate = h @ layer["gate_proj"]["kernel"]
+    x = x + (gate / (1 + np.exp(-gate)) * (h @ layer["up_proj"]["kernel"])) @ layer[
+        "down_proj"]["kernel"]
+  x = rms(x, p["final_norm"]["scale"])
+  head = p["lm_head"]["kernel"] if "lm_head" in p else p["embed"]["embedding"].T
+  return x @ head
+
+
+@functools.lru_cache(maxsize=None)
+def jitted_model(config):
+  """(forward(params, tokens, positions, cache) -> (logits, cache)) compiled once per shape."""
+  model = Transformer(config)
+
+  @jax.jit
+  def forward(params, tokens, positions, cache):
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache)
+    return model.apply({"params": params}, hidden, method=Transformer.logits), cache
+
+  return forward
+
+
+def full_logits(config, params, tokens):
+  """One call over the whole sequence: [B, T, V]."""
+  batch, length = tokens.shape
+  positions = jnp.broadcast_to(jnp.arange(length), (batch, length))
+  logits, _ = jitted_model(config)(params, tokens, positions,
+                                   FullKVCache.init(config, batch, length))
+  return logits
+
+
+@pytest.mark.parametrize("preset", ["tiny", "tiny-untied"])
+def test_matches_numpy_reference(preset):
+  config = get_config(preset)
+  params = init_params(config, jax.random.key(1))
+  tokens = np.asarray(jax.random.randint(jax.random.key(2), (37,), 0, config.vocab_size))
+  expected = numpy_forward(config, params, tokens)
+  np.testing.assert_allclose(full_logits(config, params, jnp.asarray(tokens)[None])[0], expected,
+                             atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_prefill_then_decode_matches_full_sequence(dtype):
+  config = get_config("tiny", compute_dtype=dtype, param_dtype=dtype, attention_block=16)
+  params = init_params(config, jax.random.key(3))
+  tokens = jax.random.randint(jax.random.key(4), (2, 45), 0, config.vocab_size)
+  expected = full_logits(config, params, tokens)
+  forward = jitted_model(config)
+  cache = FullKVCache.init(config, 2, 64)
+  split = 29
+  positions = jnp.broadcast_to(jnp.arange(split), (2, split))
+  logits, cache = forward(params, tokens[:, :split], positions, cache)
+  steps = [logits]
+  for t in range(split, tokens.shape[1]):
+    logits, cache = forward(params, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), expected, atol=TOLERANCE[dtype])
+  np.testing.assert_array_equal(cache.length, [45, 45])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
+def test_chunked_prefill_matches_unchunked_on_ragged_batch(tiny_model, chunk_size):
+  config, params = tiny_model
+  config = dataclasses.replace(config, attention_block=16)
+  lengths = jnp.array([50, 23, 1])
+  prompt = jax.random.randint(jax.random.key(5), (3, 50), 0, config.vocab_size)
+  model = Transformer(config)
+  run_prefill = jax.jit(functools.partial(prefill, model), static_argnums=(4,))
+  logits, cache = run_prefill(params, prompt, lengths, FullKVCache.init(config, 3, 128),
+                              chunk_size)
+  np.testing.assert_array_equal(cache.length, lengths)
+  for row, length in enumerate(lengths.tolist()):
+    alone = full_logits(config, params, prompt[row:row + 1, :length])
+    np.testing.assert_allclose(logits[row], alone[0, -1], atol=TOLERANCE["float32"])
+    _, row_cache = run_prefill(params, prompt[row:row + 1, :length], lengths[row:row + 1],
+                               FullKVCache.init(config, 1, 128), length)
+    np.testing.assert_allclose(cache.k[:, row, :, :length], row_cache.k[:, 0, :, :length],
+                               atol=1e-5)
+
+
+def test_tree_chunk_mask_hides_siblings(tiny_model):
+  """A query sees exactly the chunk tokens its mask allows: masking a token = removing it."""
+  config, params = tiny_model
+  model = Transformer(config)
+  tokens = jax.random.randint(jax.random.key(6), (1, 6), 0, config.vocab_size)
+  # Tokens 0-3 form a chain; token 4 branches off token 2 (it must not see token 3).
+  mask = np.tril(np.ones((5, 5), bool))
+  mask[4, 3] = False
+  positions = jnp.array([[0, 1, 2, 3, 3]])
+  hidden, _ = model.apply({"params": params}, tokens[:, :5], positions,
+                          FullKVCache.init(config, 1, 64), jnp.asarray(mask)[None])
+  branch = jnp.concatenate([tokens[:, :3], tokens[:, 4:5]], 1)
+  expected, _ = model.apply({"params": params}, branch, jnp.arange(4)[None],
+                            FullKVCache.init(config, 1, 64))
+  np.testing.assert_allclose(hidden[0, 4], expected[0, 3], atol=1e-5)
