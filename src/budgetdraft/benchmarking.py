@@ -1,0 +1,33 @@
+"""Timing helpers for experiments/bench_*.py: compiled-only timings and the memory-bandwidth floor."""
+
+import time
+
+import jax
+import jax.numpy as jnp
+
+
+def timed(fn, *args, repeats: int = 1, **kwargs):
+  """(result of the last call, median wall seconds) of an already compiled callable."""
+  times = []
+  for _ in range(repeats):
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args, **kwargs))
+    times.append(time.perf_counter() - start)
+  return result, sorted(times)[len(times) // 2]
+
+
+def read_bandwidth(num_bytes: int = 1024 * 2**20, repeats: int = 5) -> float:
+  """Measured device read bandwidth (bytes/s): a max-reduction streaming `num_bytes` once.
+
+  A decode step is a read stream (weights + KV); an elementwise copy would instead be dominated by
+  first-touch page faults of its fresh output buffer on CPU and understate the bandwidth ~10x.
+  """
+  x = jnp.ones((num_bytes // 4,), jnp.float32)
+  reduce = jax.jit(jnp.max).lower(x).compile()
+  reduce(x).block_until_ready()
+  _, seconds = timed(reduce, x, repeats=repeats)
+  return num_bytes / seconds
+
+
+def tree_bytes(tree) -> int:
+  return sum(x.nbytes for x in jax.tree.leaves(tree))
