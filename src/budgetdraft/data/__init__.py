@@ -1,0 +1,1 @@
+"""Long public-domain texts -> TFDS array_record -> fixed-length token windows."""
