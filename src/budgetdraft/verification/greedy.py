@@ -1,0 +1,28 @@
+"""Greedy (temperature 0) verification: accept the longest drafted prefix matching the verifier's argmax.
+
+The emitted sequence is then exactly greedy autoregressive decoding of the verifier. Signatures match
+the sampling rules (q and rng are unused) so the decoding loop can swap rules freely.
+"""
+
+import jax.numpy as jnp
+
+
+def _matched_prefix(draft_tokens, p):
+  """Length of the longest prefix of draft_tokens [..., gamma] equal to argmax p[..., :gamma]."""
+  gamma = draft_tokens.shape[-1]
+  matches = draft_tokens == jnp.argmax(p[..., :gamma, :], axis=-1)
+  return jnp.sum(jnp.cumprod(matches, axis=-1), axis=-1).astype(jnp.int32)
+
+
+def verify_greedy(draft_tokens, q, p, rng):
+  del q, rng
+  num_accepted = _matched_prefix(draft_tokens, p)
+  return num_accepted, jnp.argmax(p[num_accepted]).astype(jnp.int32)
+
+
+def verify_greedy_multipath(draft_tokens, q, p, rng):
+  """The path with the longest match (lowest index on ties)."""
+  del q, rng
+  matched = _matched_prefix(draft_tokens, p)  # [K]
+  path = jnp.argmax(matched).astype(jnp.int32)
+  return matched[path], jnp.argmax(p[path, matched[path]]).astype(jnp.int32), path
