@@ -1,36 +1,43 @@
-"""KV caches as explicit pytrees.
+"""KV caches as explicit pytrees with one protocol: `write` a chunk's keys, `attend` to the cache.
 
-The cache is preallocated to a static capacity; only `length` is dynamic, so committing or rolling back
-tokens is a length change and never a copy.
+Caches are preallocated to a static capacity and `length` (the position of the next token) is the
+only dynamic size, so committing or rolling back tokens is a length change, never a copy. The model
+only calls `write`, `attend` and `advance`, so it runs unchanged on the verifier's full cache and on
+the drafter's sparse cache.
 """
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from budgetdraft.models import attention
 from budgetdraft.models.config import ModelConfig
+
+
+def _round_up(value: int, multiple: int) -> int:
+  return -(-value // multiple) * multiple
 
 
 @flax.struct.dataclass
 class FullKVCache:
-  """Keys (after RoPE) and values of every past token.
+  """Keys (after RoPE) and values of every past token, slot index = token position.
 
-  k, v: [layers, batch, kv_heads, capacity, head_dim]; length: [batch] int32, the number of valid
-  entries per row (entries at index >= length are stale and never attended to).
+  k, v: [layers, batch, kv_heads, capacity, head_dim]; length: [batch] int32 valid entries per row.
   """
 
   k: jax.Array
   v: jax.Array
   length: jax.Array
+  attention_block: int = flax.struct.field(pytree_node=False, default=512)
 
   @classmethod
   def init(cls, config: ModelConfig, batch_size: int, capacity: int) -> "FullKVCache":
     """Zeroed cache; capacity is rounded up to a multiple of the attention block."""
-    block = config.attention_block
-    capacity = -(-capacity // block) * block
+    capacity = _round_up(capacity, config.attention_block)
     shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
     return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
-               length=jnp.zeros((batch_size,), jnp.int32))
+               length=jnp.zeros((batch_size,), jnp.int32),
+               attention_block=config.attention_block)
 
   @property
   def capacity(self) -> int:
@@ -40,9 +47,98 @@ class FullKVCache:
   def batch_size(self) -> int:
     return self.k.shape[1]
 
-  def truncate(self, length: jax.Array) -> "FullKVCache":
-    """Keeps the first `length` entries of each row: the commit/rollback of speculative decoding."""
-    return self.replace(length=jnp.asarray(length, jnp.int32))
+  def truncate(self, length) -> "FullKVCache":
+    """Keeps the first `length` entries of each row: commit / rollback."""
+    return self.replace(length=jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape))
+
+  def advance(self, num_new: int) -> "FullKVCache":
+    return self.replace(length=self.length + num_new)
+
+  def write(self, layer, k, v, positions) -> "FullKVCache":
+    """Stores k, v: [B, T, Hkv, D] at slots [length, length + T); writes past capacity drop."""
+    del positions  # slots follow the chunk order; tree positions only affect RoPE
+    rows = jnp.arange(k.shape[0])[:, None]
+    slots = self.length[:, None] + jnp.arange(k.shape[1])[None, :]
+    return self.replace(k=self.k.at[layer, rows, :, slots].set(k.astype(self.k.dtype), mode="drop"),
+                        v=self.v.at[layer, rows, :, slots].set(v.astype(self.v.dtype), mode="drop"))
+
+  def attend(self, layer, q, chunk_mask):
+    return attention.chunked_attention(q, self.k, self.v, layer, self.length, chunk_mask,
+                                       self.attention_block)
+
+  def attend_with_probs(self, layer, q, chunk_mask):
+    """Dense attention that also returns probs [B, Hkv, G, T, S] (for KV selection scores)."""
+    key_positions = jnp.broadcast_to(jnp.arange(self.capacity), (self.batch_size, self.capacity))
+    visible = attention.visible_mask(self.length, chunk_mask, key_positions)[:, None]
+    return attention.dense_attention(q, self.k[layer], self.v[layer], visible)
+
+  def gather_rows(self, rows) -> "FullKVCache":
+    return self.replace(k=self.k[:, rows], v=self.v[:, rows], length=self.length[rows])
 
   def nbytes(self) -> int:
     return self.k.nbytes + self.v.nbytes
+
+
+@flax.struct.dataclass
+class SparseKVCache:
+  """A drafter cache holding a kept subset of the prompt plus a ring of recent tokens.
+
+  k, v: [layers, batch, kv_heads, capacity, head_dim]; positions: [layers, batch, kv_heads,
+  capacity] original token position of each slot (-1 = empty); length: [batch] position of the next
+  token. Slots [0, budget) hold the kept prompt keys (sink + selected + window, per layer and KV
+  head); tokens at positions >= ring_base go to slot budget + (position - ring_base) % ring_size,
+  so the ring always holds the last ring_size - gamma committed tokens even after rejected drafts.
+  Keys are stored after RoPE at their original positions: a query sees true relative distances.
+  """
+
+  k: jax.Array
+  v: jax.Array
+  positions: jax.Array
+  length: jax.Array
+  ring_base: jax.Array  # [batch] first position that lives in the ring (the prompt length)
+  budget: int = flax.struct.field(pytree_node=False, default=0)
+
+  @property
+  def capacity(self) -> int:
+    return self.k.shape[3]
+
+  @property
+  def ring_size(self) -> int:
+    return self.capacity - self.budget
+
+  @property
+  def batch_size(self) -> int:
+    return self.k.shape[1]
+
+  def truncate(self, length) -> "SparseKVCache":
+    return self.replace(length=jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape))
+
+  def advance(self, num_new: int) -> "SparseKVCache":
+    return self.replace(length=self.length + num_new)
+
+  def write(self, layer, k, v, positions) -> "SparseKVCache":
+    """Stores k, v: [B, T, Hkv, D] of tokens at `positions` [B, T] in their ring slots.
+
+    Tokens before ring_base (prompt tokens, re-fed by the decoding loop) are dropped: the prompt
+    region already holds them if they were kept.
+    """
+    rows = jnp.arange(k.shape[0])[:, None]
+    offset = positions - self.ring_base[:, None]
+    slots = jnp.where(offset >= 0, self.budget + offset % self.ring_size, self.capacity)
+    num_kv_heads = k.shape[2]
+    stored_positions = jnp.broadcast_to(positions[:, :, None], positions.shape + (num_kv_heads,))
+    return self.replace(
+        k=self.k.at[layer, rows, :, slots].set(k.astype(self.k.dtype), mode="drop"),
+        v=self.v.at[layer, rows, :, slots].set(v.astype(self.v.dtype), mode="drop"),
+        positions=self.positions.at[layer, rows, :, slots].set(stored_positions, mode="drop"))
+
+  def attend(self, layer, q, chunk_mask):
+    visible = attention.visible_mask(self.length, chunk_mask, self.positions[layer])
+    return attention.dense_attention(q, self.k[layer], self.v[layer], visible)[0]
+
+  def gather_rows(self, rows) -> "SparseKVCache":
+    return self.replace(k=self.k[:, rows], v=self.v[:, rows], positions=self.positions[:, rows],
+                        length=self.length[rows], ring_base=self.ring_base[rows])
+
+  def nbytes(self) -> int:
+    return self.k.nbytes + self.v.nbytes + self.positions.nbytes

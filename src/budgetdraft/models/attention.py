@@ -1,8 +1,11 @@
-"""Chunked (flash-style) attention of a few new queries over a preallocated KV cache, in jnp.
+"""Attention of a few new queries over a KV cache, in jnp.
 
-Keys are visited block by block with an online softmax, and only blocks below the longest valid length
-are visited, so a decode step over a half-empty 16K cache reads half of it, and a 16K prefill never
-materializes a [T, S] score matrix larger than [chunk, block].
+Two implementations share one visibility rule (`visible_mask`):
+- `chunked_attention`: flash-style online softmax over KV blocks of a position-ordered full cache,
+  visiting only blocks below the longest valid length, so a 16K prefill never materializes more
+  than [chunk, block] scores and a decode step over a half-empty cache reads half of it;
+- `dense_attention`: one masked softmax over every slot, for small caches (the sparse drafter cache)
+  and for passes that need the attention probabilities themselves (KV selection scores).
 """
 
 import jax
@@ -11,47 +14,77 @@ import jax.numpy as jnp
 _MASKED = -1e30
 
 
-def visible_mask(cache_length, chunk_mask, key_index):
+def visible_mask(chunk_start, chunk_mask, key_positions):
   """Which keys each new query may attend to.
 
-  cache_length: [B] entries that precede the chunk; chunk_mask: [B, T, T] (query i may see chunk
-  token t: causal, or a tree); key_index: [K] cache indices. Returns [B, T, K] bool: key j is visible
-  iff j < cache_length, or j - cache_length = t with chunk_mask[i, t].
+  chunk_start: [B] position of the first new token; chunk_mask: [B, T, T] (query i may see chunk
+  token t: causal, or a draft tree); key_positions: [B, ..., K] token position of each key slot
+  (-1 = empty). Returns [B, ..., T, K]: a key is visible iff it precedes the chunk, or it is chunk
+  token t = position - chunk_start with chunk_mask[i, t].
   """
   num_new = chunk_mask.shape[-1]
-  offset = key_index[None, :] - cache_length[:, None]  # [B, K]
+  extra_axes = key_positions.ndim - 2
+  start = chunk_start.reshape((-1,) + (1,) * (extra_axes + 1))
+  offset = key_positions - start  # [B, ..., K]
   in_chunk = (offset >= 0) & (offset < num_new)
-  chunk_hit = jnp.take_along_axis(
-      chunk_mask, jnp.clip(offset, 0, num_new - 1)[:, None, :].repeat(chunk_mask.shape[1], 1),
-      axis=2)
-  return (offset < 0)[:, None, :] | (in_chunk[:, None, :] & chunk_hit)
+  mask = chunk_mask.reshape(chunk_mask.shape[:1] + (1,) * extra_axes + chunk_mask.shape[1:])
+  index = jnp.clip(offset, 0, num_new - 1)[..., None, :]  # [B, ..., 1, K]
+  chunk_hit = jnp.take_along_axis(mask, jnp.broadcast_to(
+      index, index.shape[:-2] + (num_new, index.shape[-1])), axis=-1)
+  before = ((key_positions >= 0) & (offset < 0))[..., None, :]
+  return before | (in_chunk[..., None, :] & chunk_hit)
 
 
-def cached_attention(q, k_all, v_all, layer, cache_length, chunk_mask, block):
-  """Attention of new queries over layer `layer` of a stacked cache.
-
-  q: [B, T, H, D] after RoPE; k_all, v_all: [L, B, Hkv, S, D] already holding the new chunk at
-  [cache_length, cache_length + T); chunk_mask: [B, T, T]. Returns [B, T, H, D] in the cache dtype.
-  """
+def _grouped_queries(q, num_kv_heads):
   batch, num_new, num_heads, head_dim = q.shape
-  num_kv_heads, capacity = k_all.shape[2], k_all.shape[3]
+  q = q.reshape(batch, num_new, num_kv_heads, num_heads // num_kv_heads, head_dim)
+  return q.astype(jnp.float32) * (head_dim ** -0.5)
+
+
+def _ungroup(out, dtype):
+  """[B, Hkv, G, T, D] -> [B, T, H, D]."""
+  batch, num_kv_heads, group, num_new, head_dim = out.shape
+  return out.transpose(0, 3, 1, 2, 4).reshape(batch, num_new, num_kv_heads * group,
+                                              head_dim).astype(dtype)
+
+
+def dense_attention(q, k, v, visible):
+  """q: [B, T, H, D]; k, v: [B, Hkv, S, D]; visible: [B, 1 or Hkv, T, S].
+
+  Returns (out [B, T, H, D], probs [B, Hkv, G, T, S] float32).
+  """
+  grouped = _grouped_queries(q, k.shape[1])
+  scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k.astype(jnp.float32))
+  mask = visible[:, :, None]  # [B, Hkv or 1, 1, T, S]
+  scores = jnp.where(mask, scores, _MASKED)
+  probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
+  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(jnp.float32))
+  return _ungroup(out, k.dtype), probs
+
+
+def chunked_attention(q, k_all, v_all, layer, chunk_start, chunk_mask, block):
+  """Online-softmax attention over layer `layer` of a stacked, position-ordered cache.
+
+  q: [B, T, H, D] after RoPE; k_all, v_all: [L, B, Hkv, S, D] (slot index = token position)
+  already holding the chunk at [chunk_start, chunk_start + T). Returns [B, T, H, D].
+  """
+  batch, num_new = q.shape[:2]
+  num_kv_heads, capacity, head_dim = k_all.shape[2], k_all.shape[3], k_all.shape[4]
   block = min(block, capacity)
   if capacity % block:
     raise ValueError(f"cache capacity {capacity} is not a multiple of the attention block {block}")
-  group = num_heads // num_kv_heads
-  q = q.reshape(batch, num_new, num_kv_heads, group, head_dim).astype(jnp.float32)
-  q = q * (head_dim ** -0.5)
-  num_blocks = (jnp.max(cache_length) + num_new + block - 1) // block
+  grouped = _grouped_queries(q, num_kv_heads)
+  num_blocks = (jnp.max(chunk_start) + num_new + block - 1) // block
 
   def visit(i, carry):
     running_max, denom, acc = carry  # [B, Hkv, G, T], [B, Hkv, G, T], [B, Hkv, G, T, D]
     start = i * block
-    k = jax.lax.dynamic_slice(k_all, (layer, 0, 0, start, 0),
-                              (1, batch, num_kv_heads, block, head_dim))[0]
-    v = jax.lax.dynamic_slice(v_all, (layer, 0, 0, start, 0),
-                              (1, batch, num_kv_heads, block, head_dim))[0]
-    scores = jnp.einsum("btkgd,bksd->bkgts", q, k.astype(jnp.float32))
-    mask = visible_mask(cache_length, chunk_mask, start + jnp.arange(block))[:, None, None]
+    window = (1, batch, num_kv_heads, block, head_dim)
+    k = jax.lax.dynamic_slice(k_all, (layer, 0, 0, start, 0), window)[0]
+    v = jax.lax.dynamic_slice(v_all, (layer, 0, 0, start, 0), window)[0]
+    scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k.astype(jnp.float32))
+    key_positions = jnp.broadcast_to(start + jnp.arange(block), (batch, block))
+    mask = visible_mask(chunk_start, chunk_mask, key_positions)[:, None, None]
     scores = jnp.where(mask, scores, _MASKED)
     new_max = jnp.maximum(running_max, scores.max(-1))
     weights = jnp.where(mask, jnp.exp(scores - new_max[..., None]), 0.0)
@@ -61,10 +94,8 @@ def cached_attention(q, k_all, v_all, layer, cache_length, chunk_mask, block):
                                                 v.astype(jnp.float32))
     return new_max, denom, acc
 
-  stats_shape = (batch, num_kv_heads, group, num_new)
+  stats_shape = grouped.shape[:1] + (num_kv_heads, grouped.shape[3], num_new)
   init = (jnp.full(stats_shape, _MASKED, jnp.float32), jnp.zeros(stats_shape, jnp.float32),
           jnp.zeros(stats_shape + (head_dim,), jnp.float32))
   _, denom, acc = jax.lax.fori_loop(0, num_blocks, visit, init)
-  out = acc / denom[..., None]  # every query sees at least itself, so denom > 0
-  return out.transpose(0, 3, 1, 2, 4).reshape(batch, num_new, num_heads, head_dim).astype(
-      k_all.dtype)
+  return _ungroup(acc / denom[..., None], k_all.dtype)  # every query sees itself: denom > 0

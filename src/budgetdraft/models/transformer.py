@@ -1,9 +1,11 @@
 """Llama-family decoder in pure-functional Flax (linen).
 
 `Transformer.__call__(tokens, positions, cache, chunk_mask)` runs any number of new tokens against a
-`FullKVCache`: prefill and decode are the same function. Layers are stacked with `nn.scan` (one
-compiled layer, params with a leading `layers` axis), and the cache travels in the scan carry so that
-XLA updates it in place.
+cache (`FullKVCache` or `SparseKVCache`, through their shared write/attend protocol): prefill and
+decode are the same function. Layers are stacked with `nn.scan` (one compiled layer, params with a
+leading `layers` axis), and the cache travels in the scan carry so that XLA updates it in place.
+With `collect_key_scores=True` the call also returns each key's attention mass, the input of the KV
+selection policies.
 
 Params tree (kernels are [in, out], stacked layers lead with L):
   embed/embedding [V, dim]; layers/{attn_norm,mlp_norm}/scale [L, dim];
@@ -17,7 +19,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from budgetdraft.kv_cache import FullKVCache
-from budgetdraft.models import attention
 from budgetdraft.models.config import ModelConfig
 
 
@@ -71,10 +72,11 @@ class DecoderLayer(nn.Module):
   """Pre-norm attention + SwiGLU block; called by `nn.scan` with the whole stacked cache in carry."""
 
   config: ModelConfig
+  collect_key_scores: bool = False
 
   @nn.compact
-  def __call__(self, carry, layer, positions, cache_length, chunk_mask):
-    x, k_all, v_all = carry
+  def __call__(self, carry, layer, positions, chunk_mask):
+    x, cache = carry
     c = self.config
     dense = lambda features, name, bias=False: nn.Dense(
         features, use_bias=bias, dtype=c.dtype, param_dtype=c.weight_dtype, name=name)
@@ -90,23 +92,23 @@ class DecoderLayer(nn.Module):
     k = apply_rope(k.reshape(batch, num_new, c.num_kv_heads, c.head_dim), positions, inv_freq)
     v = v.reshape(batch, num_new, c.num_kv_heads, c.head_dim)
 
-    # Write the chunk at [cache_length, cache_length + T) of each row; writes past capacity drop.
-    rows = jnp.arange(batch)[:, None]
-    slots = cache_length[:, None] + jnp.arange(num_new)[None, :]
-    k_all = k_all.at[layer, rows, :, slots].set(k.astype(k_all.dtype), mode="drop")
-    v_all = v_all.at[layer, rows, :, slots].set(v.astype(v_all.dtype), mode="drop")
-    attended = attention.cached_attention(q, k_all, v_all, layer, cache_length, chunk_mask,
-                                          c.attention_block)
+    cache = cache.write(layer, k, v, positions)
+    if self.collect_key_scores:
+      attended, probs = cache.attend_with_probs(layer, q, chunk_mask)
+      key_scores = probs.sum(axis=(2, 3))  # [B, Hkv, S]: mass over the group's heads and queries
+    else:
+      attended, key_scores = cache.attend(layer, q, chunk_mask), None
     x = x + dense(c.dim, "o_proj")(attended.reshape(batch, num_new, -1))
 
     h = norm("mlp_norm")(x)
     gated = nn.silu(dense(c.mlp_dim, "gate_proj")(h)) * dense(c.mlp_dim, "up_proj")(h)
     x = x + dense(c.dim, "down_proj")(gated)
-    return (x, k_all, v_all), None
+    return (x, cache), key_scores
 
 
 class Transformer(nn.Module):
   config: ModelConfig
+  collect_key_scores: bool = False
 
   def setup(self):
     c = self.config
@@ -114,27 +116,28 @@ class Transformer(nn.Module):
                           embedding_init=nn.initializers.normal(0.02))
     self.layers = nn.scan(
         DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast, nn.broadcast), length=c.num_layers)(c)
+        in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers)(c, self.collect_key_scores)
     self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.weight_dtype)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
                               param_dtype=c.weight_dtype)
 
-  def __call__(self, tokens, positions, cache: FullKVCache, chunk_mask=None):
+  def __call__(self, tokens, positions, cache, chunk_mask=None):
     """Runs new tokens against the cache.
 
-    tokens, positions: [B, T]; chunk_mask: [B, T, T] visibility among the new tokens (default
-    causal; a tree mask for multi-path verification). Returns (hidden [B, T, dim] after the final
-    norm, cache holding the new keys with length + T).
+    tokens, positions: [B, T] (positions drive RoPE; the cache's length is the chunk start);
+    chunk_mask: [B, T, T] visibility among the new tokens (default causal; a tree mask for
+    multi-path verification). Returns (hidden [B, T, dim] after the final norm, cache holding the
+    new keys with length + T), plus key scores [L, B, Hkv, S] with collect_key_scores.
     """
     batch, num_new = tokens.shape
     if chunk_mask is None:
       chunk_mask = causal_chunk_mask(batch, num_new)
     x = self.embed(tokens)
-    (x, k_all, v_all), _ = self.layers((x, cache.k, cache.v), jnp.arange(self.config.num_layers),
-                                       positions, cache.length, chunk_mask)
-    new_cache = cache.replace(k=k_all, v=v_all, length=cache.length + num_new)
-    return self.final_norm(x), new_cache
+    (x, cache), key_scores = self.layers((x, cache), jnp.arange(self.config.num_layers),
+                                         positions, chunk_mask)
+    outputs = (self.final_norm(x), cache.advance(num_new))
+    return outputs + (key_scores,) if self.collect_key_scores else outputs
 
   def logits(self, hidden):
     """float32 logits [..., V] of final hidden states."""

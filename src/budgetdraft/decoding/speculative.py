@@ -1,0 +1,263 @@
+"""Speculative decoding: a (sparse-cache) drafter proposes, the full-cache verifier checks, losslessly.
+
+One round, all inside one jitted `lax.while_loop` over a static-shape `SpecState`:
+  draft:   the drafter proposes K paths x gamma tokens (K rows per batch row), keeping q per token;
+  verify:  the verifier scores [last token, all drafted tokens] in ONE forward with a tree mask;
+  accept:  a verification rule (verification.RULES) picks the path, the accepted prefix and a token;
+  commit:  the verifier keeps the accepted path (a length change; for K > 1 the <= gamma accepted
+           entries are first moved next to the prefix), the drafter rows copy the winning row.
+The drafter re-feeds the last two emitted tokens each round ([previous, last] at their positions),
+which rewrites identical entries when the previous token is already cached, so no per-case shapes
+are needed after a fully accepted block.
+"""
+
+import dataclasses
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from budgetdraft import verification
+from budgetdraft.decoding import sampling as sampling_lib
+from budgetdraft.decoding.autoregressive import pad_prompts
+from budgetdraft.decoding.prefill import check_request, prefill
+from budgetdraft.kv_cache import FullKVCache, SparseKVCache
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.transformer import Transformer
+from budgetdraft.sparsity import policies, selection
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+  """Static settings of a speculative run (hashable: a jit static argument)."""
+
+  gamma: int = 4
+  num_paths: int = 1
+  rule: str = "block"
+  sampling: sampling_lib.SamplingConfig = sampling_lib.SamplingConfig()
+  max_new_tokens: int = 64
+  eos_id: int | None = None
+  pad_id: int = 0
+  prefill_chunk: int = 512
+  sparsity: selection.SparsityConfig | None = None  # None: the drafter keeps a full cache
+
+  def __post_init__(self):
+    if self.rule not in verification.RULES:
+      raise ValueError(f"unknown rule {self.rule!r}; valid: {sorted(verification.RULES)}")
+    if self.gamma < 1 or self.num_paths < 1:
+      raise ValueError(f"gamma={self.gamma} and num_paths={self.num_paths} must be >= 1")
+    if self.num_paths > 1 and not verification.RULES[self.rule][1]:
+      raise ValueError(f"rule {self.rule!r} verifies one path; use specinfer, gbv or greedy "
+                       f"for num_paths={self.num_paths}")
+
+
+@flax.struct.dataclass
+class SpecState:
+  verifier_cache: FullKVCache            # [B]; length = position of `recent[:, 1]`
+  drafter_cache: FullKVCache | SparseKVCache  # [B * K]
+  tokens: jax.Array                      # [B, max_new + gamma + 1] emitted tokens
+  num_emitted: jax.Array                 # [B]
+  recent: jax.Array                      # [B, 2] (previous, last) emitted or prompt tokens
+  done: jax.Array                        # [B] hit EOS
+  rng: jax.Array
+  rounds: jax.Array                      # scalar: verifier calls so far
+  active_rounds: jax.Array               # [B] rounds in which the row was still generating
+  accepted: jax.Array                    # [B] drafted tokens accepted
+
+
+def tree_mask(num_paths: int, gamma: int) -> np.ndarray:
+  """[1 + K gamma, 1 + K gamma]: the last token, then K paths; a token sees the root and its path."""
+  size = 1 + num_paths * gamma
+  mask = np.zeros((size, size), bool)
+  mask[:, 0] = True
+  for path in range(num_paths):
+    start = 1 + path * gamma
+    mask[start:start + gamma, start:start + gamma] = np.tril(np.ones((gamma, gamma), bool))
+  return mask
+
+
+def tree_positions(num_paths: int, gamma: int) -> np.ndarray:
+  return np.concatenate([[0]] + [np.arange(1, gamma + 1)] * num_paths)
+
+
+def _logits(model, params, hidden):
+  return model.apply({"params": params}, hidden, method=Transformer.logits)
+
+
+@functools.partial(jax.jit, static_argnames=("verifier_config", "drafter_config", "spec"))
+def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
+          verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig):
+  """Prefills both models (compressing the drafter cache) and emits the first token."""
+  batch, prompt_len = prompt.shape
+  capacity = check_request(verifier_config, prompt_len,
+                           spec.max_new_tokens + spec.num_paths * spec.gamma + 1,
+                           spec.prefill_chunk)
+  verifier = Transformer(verifier_config)
+  logits, verifier_cache = prefill(verifier, verifier_params, prompt, prompt_lengths,
+                                   FullKVCache.init(verifier_config, batch, capacity),
+                                   spec.prefill_chunk)
+  rng, first_rng, policy_rng = jax.random.split(rng, 3)
+  first = sampling_lib.sample(first_rng, sampling_lib.probabilities(logits, spec.sampling))
+
+  drafter = Transformer(drafter_config)
+  lookahead = spec.sparsity.lookahead if spec.sparsity else 0
+  _, drafter_cache = prefill(drafter, drafter_params, prompt, prompt_lengths,
+                             FullKVCache.init(drafter_config, batch, capacity + lookahead),
+                             spec.prefill_chunk)
+  if spec.sparsity is not None:
+    scores = policies.policy_scores(drafter_config, drafter_params, drafter_cache, prompt,
+                                    prompt_lengths, spec.sparsity, policy_rng)
+    kept = selection.select_kept(scores, prompt_lengths, spec.sparsity)
+    drafter_cache = selection.compress(drafter_cache.truncate(prompt_lengths), kept,
+                                       prompt_lengths, spec.sparsity, spec.gamma)
+  drafter_cache = drafter_cache.gather_rows(jnp.repeat(jnp.arange(batch), spec.num_paths))
+
+  previous = jnp.take_along_axis(prompt, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
+  tokens = jnp.full((batch, spec.max_new_tokens + spec.gamma + 1), spec.pad_id, jnp.int32)
+  done = first == spec.eos_id if spec.eos_id is not None else jnp.zeros((batch,), bool)
+  return SpecState(verifier_cache=verifier_cache, drafter_cache=drafter_cache,
+                   tokens=tokens.at[:, 0].set(first), num_emitted=jnp.ones((batch,), jnp.int32),
+                   recent=jnp.stack([previous, first], axis=1), done=done, rng=rng,
+                   rounds=jnp.zeros((), jnp.int32), active_rounds=jnp.zeros((batch,), jnp.int32),
+                   accepted=jnp.zeros((batch,), jnp.int32))
+
+
+def _draft(drafter, drafter_params, cache, recent, next_position, rng, spec):
+  """K x gamma draft tokens per row and their draft laws q: ([BK, gamma], [BK, gamma, V], cache)."""
+  cache = cache.truncate(next_position - 1)
+  positions = next_position[:, None] + jnp.array([[-1, 0]])
+  hidden, cache = drafter.apply({"params": drafter_params}, recent, positions, cache)
+  logits = _logits(drafter, drafter_params, hidden[:, -1])
+  rngs = jax.random.split(rng, spec.gamma)
+
+  def step(carry, i):
+    cache, logits = carry
+    q = sampling_lib.probabilities(logits, spec.sampling)
+    token = sampling_lib.sample(rngs[i], q)
+    hidden, cache = drafter.apply({"params": drafter_params}, token[:, None],
+                                  (next_position + 1 + i)[:, None], cache)
+    return (cache, _logits(drafter, drafter_params, hidden[:, 0])), (token, q)
+
+  (cache, logits), (tokens, q) = jax.lax.scan(step, (cache, logits), jnp.arange(spec.gamma - 1))
+  q_last = sampling_lib.probabilities(logits, spec.sampling)
+  tokens = jnp.concatenate([tokens, sampling_lib.sample(rngs[-1], q_last)[None]], axis=0)
+  q = jnp.concatenate([q, q_last[None]], axis=0)
+  return tokens.T, q.transpose(1, 0, 2), cache
+
+
+def _keep_path(cache: FullKVCache, root, path, gamma: int) -> FullKVCache:
+  """Moves the gamma tree entries of `path` right after the root, where the prefix continues."""
+  target = root[:, None] + 1 + jnp.arange(gamma)[None, :]  # [B, gamma]
+  source = target + (path * gamma)[:, None]
+
+  def move(rows, source, target):  # rows: [L, Hkv, S, D] of one batch row
+    return rows.at[:, :, target].set(rows[:, :, source])
+
+  move_rows = jax.vmap(move, in_axes=(1, 0, 0), out_axes=1)
+  return cache.replace(k=move_rows(cache.k, source, target), v=move_rows(cache.v, source, target))
+
+
+@functools.partial(jax.jit, static_argnames=("verifier_config", "drafter_config", "spec"))
+def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config: ModelConfig,
+           drafter_config: ModelConfig, spec: SpeculativeConfig) -> SpecState:
+  """Speculative rounds until every row hit EOS or emitted max_new_tokens."""
+  verifier, drafter = Transformer(verifier_config), Transformer(drafter_config)
+  batch = state.num_emitted.shape[0]
+  num_paths, gamma = spec.num_paths, spec.gamma
+  rule, takes_paths = verification.RULES[spec.rule]
+  mask = jnp.asarray(tree_mask(num_paths, gamma))
+  offsets = jnp.asarray(tree_positions(num_paths, gamma))
+
+  def active(state):
+    return ~state.done & (state.num_emitted < spec.max_new_tokens)
+
+  def round_(state):
+    rng, draft_rng, verify_rng = jax.random.split(state.rng, 3)
+    root = state.verifier_cache.length                                     # [B]
+    drafts, q, drafter_cache = _draft(
+        drafter, drafter_params, state.drafter_cache, jnp.repeat(state.recent, num_paths, 0),
+        jnp.repeat(root, num_paths), draft_rng, spec)
+    drafts = drafts.reshape(batch, num_paths, gamma)
+    q = q.reshape(batch, num_paths, gamma, -1)
+
+    tree = jnp.concatenate([state.recent[:, 1:], drafts.reshape(batch, -1)], axis=1)
+    hidden, verifier_cache = verifier.apply(
+        {"params": verifier_params}, tree, root[:, None] + offsets[None, :],
+        state.verifier_cache, jnp.broadcast_to(mask, (batch,) + mask.shape))
+    logits = _logits(verifier, verifier_params, hidden)                   # [B, 1 + K gamma, V]
+    # p for path k at depth i comes from the token before it: the root (i = 0) or path token i-1.
+    source = np.array([[0] + [1 + k * gamma + i for i in range(gamma)] for k in range(num_paths)])
+    p = sampling_lib.probabilities(logits[:, source], spec.sampling)     # [B, K, gamma + 1, V]
+
+    keys = jax.random.split(verify_rng, batch)
+    if takes_paths:
+      num_accepted, next_token, path = jax.vmap(rule)(drafts, q, p, keys)
+    else:
+      num_accepted, next_token = jax.vmap(rule)(drafts[:, 0], q[:, 0], p[:, 0], keys)
+      path = jnp.zeros((batch,), jnp.int32)
+
+    running = active(state)
+    num_accepted = jnp.where(running, num_accepted, 0)
+    if num_paths > 1:
+      verifier_cache = _keep_path(verifier_cache, root, path, gamma)
+      winners = jnp.repeat(jnp.arange(batch) * num_paths + path, num_paths)
+      drafter_cache = drafter_cache.gather_rows(winners)
+    verifier_cache = verifier_cache.truncate(root + jnp.where(running, 1 + num_accepted, 0))
+
+    chosen = jnp.take_along_axis(drafts, path[:, None, None], axis=1)[:, 0]   # [B, gamma]
+    index = jnp.arange(gamma + 1)[None, :]
+    emitted = jnp.where(index < num_accepted[:, None],
+                        jnp.pad(chosen, ((0, 0), (0, 1))), next_token[:, None])
+    count = num_accepted + 1
+    if spec.eos_id is not None:
+      is_eos = (emitted == spec.eos_id) & (index < count[:, None])
+      first_eos = jnp.argmax(is_eos, axis=1)
+      hit = is_eos.any(axis=1)
+      count = jnp.where(hit, first_eos + 1, count)
+      done = state.done | (hit & running)
+    else:
+      done = state.done
+    count = jnp.where(running, count, 0)
+    emitted = jnp.where(index < count[:, None], emitted, spec.pad_id)
+    write = lambda row, new, at: jax.lax.dynamic_update_slice(row, new, (at,))
+    tokens = jnp.where(running[:, None],
+                       jax.vmap(write)(state.tokens, emitted, state.num_emitted), state.tokens)
+    previous = jnp.where(num_accepted > 0,
+                         jnp.take_along_axis(chosen, jnp.maximum(num_accepted - 1, 0)[:, None],
+                                             axis=1)[:, 0], state.recent[:, 1])
+    recent = jnp.where(running[:, None], jnp.stack([previous, next_token], axis=1), state.recent)
+    return state.replace(
+        verifier_cache=verifier_cache, drafter_cache=drafter_cache, tokens=tokens,
+        num_emitted=state.num_emitted + count, recent=recent, done=done, rng=rng,
+        rounds=state.rounds + 1, active_rounds=state.active_rounds + running,
+        accepted=state.accepted + num_accepted)
+
+  return jax.lax.while_loop(lambda s: jnp.any(active(s)), round_, state)
+
+
+def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
+             verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig):
+  """(token lists, stats) for a batch of prompts; stats has acceptance and block efficiency."""
+  if drafter_config.vocab_size != verifier_config.vocab_size:
+    raise ValueError(f"drafter vocab {drafter_config.vocab_size} != verifier vocab "
+                     f"{verifier_config.vocab_size}: they must share the tokenizer")
+  prompt, lengths = pad_prompts(prompts, spec.pad_id)
+  if spec.sparsity is not None and spec.sparsity.window > int(lengths.min()):
+    raise ValueError(f"sparsity window {spec.sparsity.window} exceeds the shortest prompt "
+                     f"({int(lengths.min())} tokens)")
+  static = dict(verifier_config=verifier_config, drafter_config=drafter_config, spec=spec)
+  state = start(verifier_params, drafter_params, prompt, lengths, rng, **static)
+  state = decode(verifier_params, drafter_params, state, **static)
+  return outputs_and_stats(state, spec)
+
+
+def outputs_and_stats(state: SpecState, spec: SpeculativeConfig):
+  tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
+  counts = np.minimum(counts, spec.max_new_tokens)
+  rounds, accepted = np.asarray(state.active_rounds), np.asarray(state.accepted)
+  stats = {"rounds": int(rounds.sum()), "accepted": int(accepted.sum()),
+           "acceptance_rate": float(accepted.sum() / max(1, rounds.sum() * spec.gamma)),
+           "block_efficiency": float((accepted.sum() + rounds.sum()) / max(1, rounds.sum()))}
+  return [row[:n].tolist() for row, n in zip(tokens, counts)], stats

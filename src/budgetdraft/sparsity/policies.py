@@ -1,0 +1,109 @@
+"""Score functions of the KV selection policies: prompt keys [L, B, Hkv, S] -> importance.
+
+- streaming (StreamingLLM): recency; with the forced sinks this keeps sinks + the latest tokens.
+- snapkv (SnapKV): attention mass from the last `observation` prompt queries, average-pooled over
+  neighbouring key positions so that kept keys come with their context.
+- h2o (H2O): attention mass accumulated over every prompt query (heavy hitters).
+- lookahead (SpecPrefill / Lookahead Q-Cache): attention mass from the queries of a few tokens the
+  drafter itself generates after the prompt, a proxy of the queries decoding will actually issue.
+- random: a control.
+Scores come from the drafter's own forward passes over its prefilled full cache (`key_scores`).
+"""
+
+import jax
+import jax.numpy as jnp
+
+from budgetdraft.decoding import sampling as sampling_lib
+from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.transformer import Transformer
+from budgetdraft.sparsity.selection import SparsityConfig
+
+
+def key_scores(config: ModelConfig, params, cache: FullKVCache, tokens, positions):
+  """Attention mass each cached key receives from queries `tokens` at `positions` [B, T].
+
+  The tokens' own keys are (re)written at their positions first, exactly as in a forward pass.
+  Returns (scores [L, B, Hkv, S], hidden [B, T, dim], cache).
+  """
+  model = Transformer(config, collect_key_scores=True)
+  hidden, cache, scores = model.apply({"params": params}, tokens, positions,
+                                      cache.truncate(positions[:, 0]))
+  return scores, hidden, cache
+
+
+def _window_tokens(prompt, prompt_lengths, size):
+  """The last `size` tokens of each right-padded prompt row, and their positions."""
+  positions = prompt_lengths[:, None] - size + jnp.arange(size)[None, :]
+  positions = jnp.maximum(positions, 0)
+  return jnp.take_along_axis(prompt, positions, axis=1), positions
+
+
+def streaming_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+  del config, params, prompt, prompt_lengths, sparsity, rng
+  shape = cache.k.shape[:3] + (cache.capacity,)
+  return jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.float32), shape)
+
+
+def random_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+  del config, params, prompt, prompt_lengths, sparsity
+  return jax.random.uniform(rng, cache.k.shape[:3] + (cache.capacity,))
+
+
+def snapkv_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+  del rng
+  tokens, positions = _window_tokens(prompt, prompt_lengths, sparsity.observation)
+  scores, _, _ = key_scores(config, params, cache, tokens, positions)
+  pooled = jax.lax.reduce_window(scores, 0.0, jax.lax.add, (1, 1, 1, sparsity.pool),
+                                 (1, 1, 1, 1), "SAME")
+  return pooled / sparsity.pool
+
+
+def h2o_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+  del rng, prompt_lengths
+  chunk = sparsity.score_chunk
+  num_chunks = -(-prompt.shape[1] // chunk)
+  padded = jnp.pad(prompt, ((0, 0), (0, num_chunks * chunk - prompt.shape[1])))
+
+  def accumulate(total, index):
+    start = index * chunk
+    tokens = jax.lax.dynamic_slice_in_dim(padded, start, chunk, axis=1)
+    positions = jnp.broadcast_to(start + jnp.arange(chunk), tokens.shape)
+    scores, _, _ = key_scores(config, params, cache, tokens, positions)
+    return total + scores, None
+
+  # Padded queries past a row's prompt only add mass to keys the selector ignores or forces.
+  init = jnp.zeros(cache.k.shape[:3] + (cache.capacity,), jnp.float32)
+  return jax.lax.scan(accumulate, init, jnp.arange(num_chunks))[0]
+
+
+def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+  """Greedy look-ahead of `lookahead` tokens with the full cache, then their attention mass."""
+  del rng
+  model = Transformer(config)
+  last, last_positions = _window_tokens(prompt, prompt_lengths, 1)
+  hidden, cache = model.apply({"params": params}, last, last_positions,
+                              cache.truncate(prompt_lengths - 1))
+  tokens = []
+  for step in range(sparsity.lookahead):
+    logits = model.apply({"params": params}, hidden[:, -1], method=Transformer.logits)
+    token = jnp.argmax(sampling_lib.probabilities(logits, sampling_lib.SamplingConfig()), -1)
+    tokens.append(token.astype(jnp.int32))
+    if step + 1 < sparsity.lookahead:
+      hidden, cache = model.apply({"params": params}, token[:, None].astype(jnp.int32),
+                                  (prompt_lengths + step)[:, None], cache)
+  tokens = jnp.stack(tokens, axis=1)
+  positions = prompt_lengths[:, None] + jnp.arange(sparsity.lookahead)[None, :]
+  scores, _, _ = key_scores(config, params, cache, tokens, positions)
+  return scores
+
+
+SCORE_FUNCTIONS = {"streaming": streaming_scores, "snapkv": snapkv_scores, "h2o": h2o_scores,
+                   "lookahead": lookahead_scores, "random": random_scores}
+
+
+def policy_scores(config: ModelConfig, params, cache: FullKVCache, prompt, prompt_lengths,
+                  sparsity: SparsityConfig, rng):
+  """Scores [L, B, Hkv, S] of `sparsity.policy` for a prefilled drafter cache."""
+  return SCORE_FUNCTIONS[sparsity.policy](config, params, cache, prompt, prompt_lengths,
+                                          sparsity, rng)
