@@ -136,9 +136,13 @@ def test_caches_equal_a_fresh_prefill_of_the_emitted_tokens(tiny_pair, rule, num
     for head in range(config.num_kv_heads):
       slots = {int(p): s for s, p in enumerate(ring[layer, head]) if p >= 0}
       assert set(recent) <= set(slots)
-      for position in recent:
-        np.testing.assert_allclose(cache.k[layer, 0, head, budget + slots[position]],
-                                   drafter_fresh.k[layer, 0, head, position], atol=2e-5)
+  # Layer-0 keys depend only on (token, position), so they pin down which committed token each ring
+  # slot holds; deeper keys depend on the sparse context and differ from a full-cache prefill.
+  for head in range(config.num_kv_heads):
+    slots = {int(p): s for s, p in enumerate(ring[0, head]) if p >= 0}
+    for position in recent:
+      np.testing.assert_allclose(cache.k[0, 0, head, budget + slots[position]],
+                                 drafter_fresh.k[0, 0, head, position], atol=2e-5)
 
 
 def test_bad_requests_fail_clearly(tiny_pair):
