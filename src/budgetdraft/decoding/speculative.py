@@ -124,8 +124,11 @@ def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
                    accepted=jnp.zeros((batch,), jnp.int32))
 
 
-def _draft(drafter, drafter_params, cache, recent, next_position, rng, spec):
-  """K x gamma draft tokens per row and their draft laws q: ([BK, gamma], [BK, gamma, V], cache)."""
+def draft(drafter, drafter_params, cache, recent, next_position, rng, spec):
+  """gamma draft tokens per drafter row and their laws q: ([rows, gamma], [rows, gamma, V], cache).
+
+  recent: [rows, 2] (previous, last) tokens at positions next_position - 1, next_position.
+  """
   cache = cache.truncate(next_position - 1)
   positions = next_position[:, None] + jnp.array([[-1, 0]])
   hidden, cache = drafter.apply({"params": drafter_params}, recent, positions, cache)
@@ -145,6 +148,23 @@ def _draft(drafter, drafter_params, cache, recent, next_position, rng, spec):
   tokens = jnp.concatenate([tokens, sampling_lib.sample(rngs[-1], q_last)[None]], axis=0)
   q = jnp.concatenate([q, q_last[None]], axis=0)
   return tokens.T, q.transpose(1, 0, 2), cache
+
+
+def verify(verifier, verifier_params, cache: FullKVCache, last, drafts, spec):
+  """One verifier forward over the draft tree: (p [B, K, gamma + 1, V], cache with the tree).
+
+  last: [B] the newest emitted token (at position cache.length); drafts: [B, K, gamma].
+  """
+  batch, num_paths, gamma = drafts.shape
+  mask = jnp.asarray(tree_mask(num_paths, gamma))
+  positions = cache.length[:, None] + jnp.asarray(tree_positions(num_paths, gamma))[None, :]
+  tree = jnp.concatenate([last[:, None], drafts.reshape(batch, -1)], axis=1)
+  hidden, cache = verifier.apply({"params": verifier_params}, tree, positions, cache,
+                                 jnp.broadcast_to(mask, (batch,) + mask.shape))
+  logits = _logits(verifier, verifier_params, hidden)                   # [B, 1 + K gamma, V]
+  # p for path k at depth i comes from the token before it: the root (i = 0) or path token i-1.
+  source = np.array([[0] + [1 + k * gamma + i for i in range(gamma)] for k in range(num_paths)])
+  return sampling_lib.probabilities(logits[:, source], spec.sampling), cache
 
 
 def _keep_path(cache: FullKVCache, root, path, gamma: int) -> FullKVCache:
@@ -167,8 +187,6 @@ def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config
   batch = state.num_emitted.shape[0]
   num_paths, gamma = spec.num_paths, spec.gamma
   rule, takes_paths = verification.RULES[spec.rule]
-  mask = jnp.asarray(tree_mask(num_paths, gamma))
-  offsets = jnp.asarray(tree_positions(num_paths, gamma))
 
   def active(state):
     return ~state.done & (state.num_emitted < spec.max_new_tokens)
@@ -176,20 +194,14 @@ def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config
   def round_(state):
     rng, draft_rng, verify_rng = jax.random.split(state.rng, 3)
     root = state.verifier_cache.length                                     # [B]
-    drafts, q, drafter_cache = _draft(
+    drafts, q, drafter_cache = draft(
         drafter, drafter_params, state.drafter_cache, jnp.repeat(state.recent, num_paths, 0),
         jnp.repeat(root, num_paths), draft_rng, spec)
     drafts = drafts.reshape(batch, num_paths, gamma)
     q = q.reshape(batch, num_paths, gamma, -1)
 
-    tree = jnp.concatenate([state.recent[:, 1:], drafts.reshape(batch, -1)], axis=1)
-    hidden, verifier_cache = verifier.apply(
-        {"params": verifier_params}, tree, root[:, None] + offsets[None, :],
-        state.verifier_cache, jnp.broadcast_to(mask, (batch,) + mask.shape))
-    logits = _logits(verifier, verifier_params, hidden)                   # [B, 1 + K gamma, V]
-    # p for path k at depth i comes from the token before it: the root (i = 0) or path token i-1.
-    source = np.array([[0] + [1 + k * gamma + i for i in range(gamma)] for k in range(num_paths)])
-    p = sampling_lib.probabilities(logits[:, source], spec.sampling)     # [B, K, gamma + 1, V]
+    p, verifier_cache = verify(verifier, verifier_params, state.verifier_cache,
+                               state.recent[:, 1], drafts, spec)
 
     keys = jax.random.split(verify_rng, batch)
     if takes_paths:

@@ -1,0 +1,59 @@
+"""Speedup experiment configs: `--config=configs/speedup.py:<variant>`.
+
+Variants:
+  default  what `make run` runs: 4K context, a few rows, ~5 min on a 2-core CPU;
+  full     4K and 8K, every policy at budgets 256-2048, every verification rule (hours on CPU).
+A row's drafter is `layers:<k>` (the verifier's first k layers + final norm + shared head) or `self`
+(the verifier itself, which isolates the effect of the sparse cache on acceptance).
+"""
+
+import ml_collections
+
+
+def _row(drafter, policy=None, budget=None, rule="block", num_paths=1):
+  return {"drafter": drafter, "policy": policy, "budget": budget, "rule": rule,
+          "num_paths": num_paths}
+
+
+def get_config(variant: str = "default") -> ml_collections.ConfigDict:
+  config = ml_collections.ConfigDict()
+  config.variant = variant
+  config.checkpoint = ""        # "" = the embedded SmolLM2-135M-Instruct GGUF
+  config.dataset = "long_books"
+  config.data_dir = "data"
+  config.split = "validation"
+  config.num_prompts = 1
+  config.new_tokens = 64
+  config.gamma = 4
+  config.temperature = 0.0
+  config.seed = 0
+  config.prefill_chunk = 512
+  config.sinks = 4
+  config.window = 64
+  config.recent = 128
+  if variant == "default":
+    config.contexts = [4096]
+    config.rows = [
+        _row("layers:8"),
+        _row("layers:8", "snapkv", 512),
+        _row("layers:8", "snapkv", 512, rule="tokenwise"),
+        _row("layers:8", "snapkv", 512, rule="gbv", num_paths=2),
+        _row("self", "streaming", 512),
+        _row("self", "snapkv", 256),
+        _row("self", "snapkv", 1024),
+    ]
+  elif variant == "full":
+    config.contexts = [4096, 8192]
+    config.num_prompts = 4
+    rows = [_row("layers:8"), _row("self")]
+    for drafter in ("layers:8", "self"):
+      for policy in ("streaming", "snapkv", "h2o", "lookahead", "random"):
+        rows += [_row(drafter, policy, budget) for budget in (256, 512, 1024, 2048)]
+      rows += [_row(drafter, "snapkv", 1024, rule=rule)
+               for rule in ("tokenwise", "greedy")]
+      rows += [_row(drafter, "snapkv", 1024, rule=rule, num_paths=paths)
+               for rule in ("specinfer", "gbv") for paths in (2, 4)]
+    config.rows = rows
+  else:
+    raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full")
+  return config
