@@ -27,8 +27,14 @@ $(PREPARED): $(INSTALLED)
 
 data: $(PREPARED)
 
+# The main experiment: speculative vs AR on 4K-token prompts (prints the speedup table).
 run: data
+	$(BIN)/python experiments/speedup.py --config=configs/speedup.py:default --config.data_dir=$(DATA_DIR)
+
+# AR prefill / decode speed against the memory-bandwidth floor, and the verification-rule table.
+bench: data
 	$(BIN)/python experiments/bench_decode.py --data_dir=$(DATA_DIR)
+	$(BIN)/python experiments/verification_table.py
 
 test: data
 	BUDGETDRAFT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q

@@ -12,10 +12,17 @@ import jax.numpy as jnp
 
 from budgetdraft.models import attention
 from budgetdraft.models.config import ModelConfig
+import pallas_kernels
 
 
 def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
+
+
+def _causal_if_none(chunk_mask, batch: int, num_new: int):
+  if chunk_mask is not None:
+    return chunk_mask
+  return jnp.broadcast_to(jnp.tril(jnp.ones((num_new, num_new), bool)), (batch, num_new, num_new))
 
 
 @flax.struct.dataclass
@@ -29,6 +36,7 @@ class FullKVCache:
   v: jax.Array
   length: jax.Array
   attention_block: int = flax.struct.field(pytree_node=False, default=512)
+  attention_impl: str = flax.struct.field(pytree_node=False, default="jnp")
 
   @classmethod
   def init(cls, config: ModelConfig, batch_size: int, capacity: int) -> "FullKVCache":
@@ -37,7 +45,7 @@ class FullKVCache:
     shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
     return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
                length=jnp.zeros((batch_size,), jnp.int32),
-               attention_block=config.attention_block)
+               attention_block=config.attention_block, attention_impl=config.attention_impl)
 
   @property
   def capacity(self) -> int:
@@ -63,11 +71,32 @@ class FullKVCache:
                         v=self.v.at[layer, rows, :, slots].set(v.astype(self.v.dtype), mode="drop"))
 
   def attend(self, layer, q, chunk_mask):
+    """Attention of q [B, T, H, D] over the cache (chunk_mask None = causal)."""
+    if self.attention_impl == "pallas" and chunk_mask is None:
+      return self._attend_pallas(layer, q)
+    chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
     return attention.chunked_attention(q, self.k, self.v, layer, self.length, chunk_mask,
                                        self.attention_block)
 
+  def _attend_pallas(self, layer, q):
+    """Causal attention as one query block visiting every KV block up to the chunk's end."""
+    batch, num_new = q.shape[:2]
+    block = min(self.attention_block, self.capacity)
+    num_blocks = self.capacity // block
+    num_kv_heads = self.k.shape[2]
+    table = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
+                             (batch, num_kv_heads, 1, num_blocks))
+    counts = jnp.broadcast_to(((self.length + num_new + block - 1) // block)[:, None, None],
+                              (batch, num_kv_heads, 1)).astype(jnp.int32)
+    keep = jnp.ones((batch, num_kv_heads, self.capacity), jnp.int32)
+    positions = self.length[:, None] + jnp.arange(num_new)[None, :]
+    return pallas_kernels.block_sparse_attention(
+        q, self.k[layer], self.v[layer], positions, keep, table, counts, block_q=num_new,
+        block_k=block)
+
   def attend_with_probs(self, layer, q, chunk_mask):
     """Dense attention that also returns probs [B, Hkv, G, T, S] (for KV selection scores)."""
+    chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
     key_positions = jnp.broadcast_to(jnp.arange(self.capacity), (self.batch_size, self.capacity))
     visible = attention.visible_mask(self.length, chunk_mask, key_positions)[:, None]
     return attention.dense_attention(q, self.k[layer], self.v[layer], visible)
@@ -97,6 +126,7 @@ class SparseKVCache:
   length: jax.Array
   ring_base: jax.Array  # [batch] first position that lives in the ring (the prompt length)
   budget: int = flax.struct.field(pytree_node=False, default=0)
+  attention_impl: str = flax.struct.field(pytree_node=False, default="jnp")
 
   @property
   def capacity(self) -> int:
@@ -133,6 +163,12 @@ class SparseKVCache:
         positions=self.positions.at[layer, rows, :, slots].set(stored_positions, mode="drop"))
 
   def attend(self, layer, q, chunk_mask):
+    """Attention of q [B, T, H, D] over the kept keys and the ring (chunk_mask None = causal)."""
+    if self.attention_impl == "pallas" and chunk_mask is None:
+      query_positions = self.length[:, None] + jnp.arange(q.shape[1])[None, :]
+      return pallas_kernels.sparse_decode_attention(q, self.k[layer], self.v[layer],
+                                                    self.positions[layer], query_positions)
+    chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
     visible = attention.visible_mask(self.length, chunk_mask, self.positions[layer])
     return attention.dense_attention(q, self.k[layer], self.v[layer], visible)[0]
 

@@ -37,7 +37,8 @@ class ModelConfig:
   max_context: int = 8192  # Longest sequence (prompt + generated) the model was trained for.
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
-  attention_block: int = 512  # KV block of the chunked (flash-style) jnp attention.
+  attention_block: int = 512  # KV block of the chunked (flash-style) attention.
+  attention_impl: str = "jnp"  # "jnp" (default, every backend) or "pallas" (pallas_kernels/).
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -45,6 +46,8 @@ class ModelConfig:
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.attention_impl not in ("jnp", "pallas"):
+      raise ValueError(f"attention_impl={self.attention_impl!r}; valid: 'jnp', 'pallas'")
 
   @property
   def dtype(self):

@@ -49,12 +49,6 @@ def apply_rope(x, positions, inv_freq):
   return rotated.astype(x.dtype)
 
 
-def causal_chunk_mask(batch_size: int, num_new: int):
-  """[B, T, T] mask of ordinary causal attention within the new chunk."""
-  return jnp.broadcast_to(jnp.tril(jnp.ones((num_new, num_new), bool)),
-                          (batch_size, num_new, num_new))
-
-
 class RMSNorm(nn.Module):
   eps: float
   dtype: jnp.dtype
@@ -127,16 +121,13 @@ class Transformer(nn.Module):
 
     tokens, positions: [B, T] (positions drive RoPE; the cache's length is the chunk start);
     chunk_mask: [B, T, T] visibility among the new tokens (default causal; a tree mask for
-    multi-path verification). Returns (hidden [B, T, dim] after the final norm, cache holding the
+    multi-path verification; None = causal, which lets the caches use their Pallas kernels). Returns (hidden [B, T, dim] after the final norm, cache holding the
     new keys with length + T), plus key scores [L, B, Hkv, S] with collect_key_scores.
     """
-    batch, num_new = tokens.shape
-    if chunk_mask is None:
-      chunk_mask = causal_chunk_mask(batch, num_new)
     x = self.embed(tokens)
     (x, cache), key_scores = self.layers((x, cache), jnp.arange(self.config.num_layers),
                                          positions, chunk_mask)
-    outputs = (self.final_norm(x), cache.advance(num_new))
+    outputs = (self.final_norm(x), cache.advance(tokens.shape[1]))
     return outputs + (key_scores,) if self.collect_key_scores else outputs
 
   def logits(self, hidden):

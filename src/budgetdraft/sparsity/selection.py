@@ -66,4 +66,5 @@ def compress(cache: FullKVCache, kept, prompt_lengths, config: SparsityConfig,
   return SparseKVCache(k=jnp.concatenate([k_kept, ring(k_kept)], axis=3),
                        v=jnp.concatenate([v_kept, ring(v_kept)], axis=3),
                        positions=positions, length=prompt_lengths.astype(jnp.int32),
-                       ring_base=prompt_lengths.astype(jnp.int32), budget=config.budget)
+                       ring_base=prompt_lengths.astype(jnp.int32), budget=config.budget,
+                       attention_impl=cache.attention_impl)

@@ -1,0 +1,210 @@
+"""Block-sparse flash attention over a position-ordered KV sequence, with a custom VJP.
+
+Query block i (of `block_q` queries) visits only the KV blocks listed in block_table[..., i, :count];
+inside a visited block, key j is visible iff key_keep[j] and j <= the query's position. This one
+kernel serves:
+  - sparse views in BudgetDraft training (keys = the sequence itself; the table lists the blocks
+    holding the kept prompt keys and the blocks since the compression point);
+  - decode over a kept set read straight from a full cache (no compact copy: the table lists the
+    kept blocks, key_keep the kept tokens);
+  - plain causal chunked attention (the table lists every block up to the diagonal).
+The table row is a kernel input and the listed blocks are loaded with dynamic slices of the KV ref
+(the in-kernel gather style that Triton, Mosaic and the interpreter all lower). The backward pass
+recomputes probabilities from the saved log-sum-exp and walks the same (query block, KV block)
+pairs, in jnp.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import pallas as pl
+
+from pallas_kernels.backend import interpret_mode
+
+_MASKED = -1e30
+
+
+def _listed_blocks(block_table, block_counts, num_kv_blocks):
+  """[B, Hkv, NQB, NKB] bool: which KV blocks each query block visits."""
+  valid = jnp.arange(block_table.shape[-1]) < block_counts[..., None]
+  one_hot = jax.nn.one_hot(block_table, num_kv_blocks, dtype=jnp.int32) * valid[..., None]
+  return one_hot.sum(-2) > 0
+
+
+def block_sparse_attention_reference(q, k, v, query_positions, key_keep, block_table,
+                                     block_counts, *, block_q: int, block_k: int):
+  """q: [B, Tq, H, D]; k, v: [B, Hkv, S, D] (key j at position j); query_positions: [B, Tq];
+  key_keep: [B, Hkv, S] int (1 = keep); block_table: [B, Hkv, Tq / block_q, max_blocks] int32;
+  block_counts: [B, Hkv, Tq / block_q] int32. Returns [B, Tq, H, D] in q's dtype; a query that
+  sees no key returns zeros.
+  """
+  batch, num_q, num_heads, head_dim = q.shape
+  num_kv_heads, num_keys = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  listed = _listed_blocks(block_table, block_counts, num_keys // block_k)
+  listed = jnp.repeat(jnp.repeat(listed, block_q, axis=2), block_k, axis=3)  # [B, Hkv, Tq, S]
+  causal = jnp.arange(num_keys)[None, None, :] <= query_positions[:, :, None]  # [B, Tq, S]
+  visible = listed & (key_keep[:, :, None, :] > 0) & causal[:, None]
+  grouped = q.reshape(batch, num_q, num_kv_heads, group, head_dim).astype(jnp.float32)
+  scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k.astype(jnp.float32)) * head_dim ** -0.5
+  scores = jnp.where(visible[:, :, None], scores, _MASKED)
+  probs = jnp.where(visible[:, :, None], jax.nn.softmax(scores, axis=-1), 0.0)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(jnp.float32))
+  return out.reshape(batch, num_q, num_heads, head_dim).astype(q.dtype)
+
+
+def _kernel(table_ref, count_ref, q_ref, query_pos_ref, k_ref, v_ref, keep_ref, out_ref, lse_ref,
+            *, block_k):
+  queries = q_ref[0, 0, 0].astype(jnp.float32) * q_ref.shape[-1] ** -0.5   # [R, D]
+  query_pos = query_pos_ref[0, 0, 0]                                         # [R]
+  num_rows, head_dim = queries.shape
+
+  def visit(j, carry):
+    running_max, denom, acc = carry
+    start = pl.multiple_of(table_ref[0, 0, 0, j] * block_k, block_k)
+    keys = k_ref[0, 0, pl.ds(start, block_k), :].astype(jnp.float32)
+    values = v_ref[0, 0, pl.ds(start, block_k), :].astype(jnp.float32)
+    keep = keep_ref[0, 0, pl.ds(start, block_k)]
+    key_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    visible = (keep[None, :] > 0) & (key_pos <= query_pos[:, None])
+    scores = jax.lax.dot_general(queries, keys, (((1,), (1,)), ((), ())))
+    scores = jnp.where(visible, scores, _MASKED)
+    new_max = jnp.maximum(running_max, scores.max(axis=1))
+    weights = jnp.where(visible, jnp.exp(scores - new_max[:, None]), 0.0)
+    rescale = jnp.exp(running_max - new_max)
+    return (new_max, denom * rescale + weights.sum(axis=1),
+            acc * rescale[:, None] + jnp.dot(weights, values))
+
+  init = (jnp.full((num_rows,), _MASKED, jnp.float32), jnp.zeros((num_rows,), jnp.float32),
+          jnp.zeros((num_rows, head_dim), jnp.float32))
+  running_max, denom, acc = jax.lax.fori_loop(0, count_ref[0, 0, 0], visit, init)
+  safe = jnp.maximum(denom, 1e-30)
+  out_ref[0, 0, 0] = (acc / safe[:, None]).astype(out_ref.dtype)
+  lse_ref[0, 0, 0] = running_max + jnp.log(safe)
+
+
+def _grouped(q, query_positions, num_kv_heads, block_q):
+  """q [B, Tq, H, D] -> [B, Hkv, NQB, R = G * block_q, D] (rows ordered (g, t)); positions alike."""
+  batch, num_q, num_heads, head_dim = q.shape
+  group, num_blocks = num_heads // num_kv_heads, num_q // block_q
+  blocks = q.reshape(batch, num_blocks, block_q, num_kv_heads, group, head_dim)
+  blocks = blocks.transpose(0, 3, 1, 4, 2, 5).reshape(batch, num_kv_heads, num_blocks,
+                                                      group * block_q, head_dim)
+  positions = query_positions.reshape(batch, 1, num_blocks, 1, block_q)
+  positions = jnp.broadcast_to(positions, (batch, 1, num_blocks, group, block_q))
+  return blocks, positions.reshape(batch, 1, num_blocks, group * block_q)
+
+
+def _ungrouped(blocks, num_heads, block_q):
+  batch, num_kv_heads, num_blocks, _, head_dim = blocks.shape
+  group = num_heads // num_kv_heads
+  out = blocks.reshape(batch, num_kv_heads, num_blocks, group, block_q, head_dim)
+  return out.transpose(0, 2, 4, 1, 3, 5).reshape(batch, num_blocks * block_q, num_heads, head_dim)
+
+
+def _forward(q, k, v, query_positions, key_keep, block_table, block_counts, block_q, block_k,
+             interpret):
+  batch, num_q, num_heads, head_dim = q.shape
+  num_kv_heads, num_keys = k.shape[1], k.shape[2]
+  q_blocks, pos_blocks = _grouped(q, query_positions, num_kv_heads, block_q)
+  num_q_blocks, rows = q_blocks.shape[2], q_blocks.shape[3]
+  max_blocks = block_table.shape[-1]
+  out, lse = pl.pallas_call(
+      functools.partial(_kernel, block_k=block_k),
+      grid=(batch, num_kv_heads, num_q_blocks),
+      in_specs=[
+          pl.BlockSpec((1, 1, 1, max_blocks), lambda b, h, i: (b, h, i, 0)),
+          pl.BlockSpec((1, 1, 1), lambda b, h, i: (b, h, i)),
+          pl.BlockSpec((1, 1, 1, rows, head_dim), lambda b, h, i: (b, h, i, 0, 0)),
+          pl.BlockSpec((1, 1, 1, rows), lambda b, h, i: (b, 0, i, 0)),
+          pl.BlockSpec((1, 1, num_keys, head_dim), lambda b, h, i: (b, h, 0, 0)),
+          pl.BlockSpec((1, 1, num_keys, head_dim), lambda b, h, i: (b, h, 0, 0)),
+          pl.BlockSpec((1, 1, num_keys), lambda b, h, i: (b, h, 0)),
+      ],
+      out_specs=[pl.BlockSpec((1, 1, 1, rows, head_dim), lambda b, h, i: (b, h, i, 0, 0)),
+                 pl.BlockSpec((1, 1, 1, rows), lambda b, h, i: (b, h, i, 0))],
+      out_shape=[jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
+                 jax.ShapeDtypeStruct(q_blocks.shape[:-1], jnp.float32)],
+      interpret=interpret,
+  )(block_table, block_counts, q_blocks, pos_blocks, k, v, key_keep)
+  return _ungrouped(out, num_heads, block_q), lse
+
+
+def _backward(q, k, v, query_positions, key_keep, block_table, block_counts, out, lse, d_out,
+              block_q, block_k):
+  """Gradients over the listed (query block, KV block) pairs, from the saved log-sum-exp."""
+  num_heads, head_dim = q.shape[2], q.shape[3]
+  num_kv_heads, num_keys = k.shape[1], k.shape[2]
+  scale = head_dim ** -0.5
+  q_blocks, pos_blocks = _grouped(q.astype(jnp.float32), query_positions, num_kv_heads, block_q)
+  do_blocks, _ = _grouped(d_out.astype(jnp.float32), query_positions, num_kv_heads, block_q)
+  o_blocks, _ = _grouped(out.astype(jnp.float32), query_positions, num_kv_heads, block_q)
+  max_blocks = block_table.shape[-1]
+  key_index = block_table[..., :, None] * block_k + jnp.arange(block_k)   # [B, Hkv, NQB, M, BK]
+  key_index = key_index.reshape(key_index.shape[:3] + (max_blocks * block_k,))
+  listed = (jnp.arange(max_blocks) < block_counts[..., None])            # [B, Hkv, NQB, M]
+  listed = jnp.repeat(listed, block_k, axis=-1)                           # [B, Hkv, NQB, M*BK]
+
+  def per_block(keys, values, keep, index, listed, queries, positions, d_out, out, lse):
+    k_sel, v_sel = keys[index].astype(jnp.float32), values[index].astype(jnp.float32)
+    visible = listed[None] & (keep[index][None] > 0) & (index[None] <= positions[:, None])
+    scores = queries @ k_sel.T * scale
+    probs = jnp.where(visible, jnp.exp(scores - lse[:, None]), 0.0)
+    d_values = probs.T @ d_out
+    d_probs = d_out @ v_sel.T
+    d_scores = probs * (d_probs - jnp.sum(d_out * out, axis=-1, keepdims=True))
+    return d_scores @ k_sel * scale, d_scores.T @ queries * scale, d_values
+
+  over_blocks = jax.vmap(per_block, in_axes=(None, None, None, 0, 0, 0, 0, 0, 0, 0))
+  over_heads = jax.vmap(over_blocks, in_axes=(0, 0, 0, 0, 0, 0, None, 0, 0, 0))
+  over_batch = jax.vmap(over_heads)
+  d_q, d_k_sel, d_v_sel = over_batch(k, v, key_keep, key_index, listed, q_blocks,
+                                     pos_blocks[:, 0], do_blocks, o_blocks, lse)
+  scatter = jax.vmap(jax.vmap(lambda index, grads: jnp.zeros(
+      (num_keys, head_dim), jnp.float32).at[index.reshape(-1)].add(
+          grads.reshape(-1, head_dim))))
+  d_k, d_v = scatter(key_index, d_k_sel), scatter(key_index, d_v_sel)
+  return _ungrouped(d_q, num_heads, block_q).astype(q.dtype), d_k.astype(k.dtype), d_v.astype(
+      v.dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+def _attention(q, k, v, query_positions, key_keep, block_table, block_counts, block_q, block_k,
+               interpret):
+  return _forward(q, k, v, query_positions, key_keep, block_table, block_counts, block_q,
+                  block_k, interpret)[0]
+
+
+def _attention_fwd(q, k, v, query_positions, key_keep, block_table, block_counts, block_q,
+                   block_k, interpret):
+  out, lse = _forward(q, k, v, query_positions, key_keep, block_table, block_counts, block_q,
+                      block_k, interpret)
+  return out, (q, k, v, query_positions, key_keep, block_table, block_counts, out, lse)
+
+
+def _attention_bwd(block_q, block_k, interpret, residuals, d_out):
+  del interpret
+  q, k, v, query_positions, key_keep, block_table, block_counts, out, lse = residuals
+  d_q, d_k, d_v = _backward(q, k, v, query_positions, key_keep, block_table, block_counts, out,
+                            lse, d_out, block_q, block_k)
+  no_grad = lambda x: np.zeros(x.shape, jax.dtypes.float0)
+  return (d_q, d_k, d_v, no_grad(query_positions), no_grad(key_keep), no_grad(block_table),
+          no_grad(block_counts))
+
+
+_attention.defvjp(_attention_fwd, _attention_bwd)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
+def block_sparse_attention(q, k, v, query_positions, key_keep, block_table, block_counts, *,
+                           block_q: int, block_k: int, interpret: bool | None = None):
+  """Pallas version of `block_sparse_attention_reference` (same signature), differentiable in
+  q, k, v. Tq must be a multiple of block_q and S of block_k."""
+  if q.shape[1] % block_q or k.shape[2] % block_k:
+    raise ValueError(f"Tq={q.shape[1]} / S={k.shape[2]} must be multiples of block_q={block_q} / "
+                     f"block_k={block_k}")
+  return _attention(q, k, v, query_positions, key_keep.astype(jnp.int32), block_table,
+                    block_counts, block_q, block_k,
+                    interpret_mode() if interpret is None else interpret)

@@ -1,0 +1,105 @@
+"""Decode attention over a compact sparse KV cache (kept prompt keys + recent ring, any positions).
+
+A few new queries per row (1 for AR, gamma + 1 or a tree row for drafting / verification) attend to
+C cache slots whose original token positions are `key_positions` (-1 = empty slot). A key is visible
+to a query iff 0 <= key position <= query position, so kept keys at arbitrary positions, the ring
+and the chunk itself need no other mask. GQA: the G query heads of a KV head share one program.
+
+Kernel layout: grid (batch, kv_heads); each program holds its [G*T, D] queries and walks the KV slots
+in blocks with an online softmax (an in-kernel loop, the style Triton and Mosaic both lower).
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.experimental import pallas as pl
+
+from pallas_kernels.backend import interpret_mode
+
+_MASKED = -1e30
+
+
+def sparse_decode_attention_reference(q, k, v, key_positions, query_positions):
+  """q: [B, T, H, D]; k, v: [B, Hkv, C, D]; key_positions: [B, Hkv, C]; query_positions: [B, T].
+
+  Returns [B, T, H, D] in q's dtype.
+  """
+  batch, num_new, num_heads, head_dim = q.shape
+  num_kv_heads = k.shape[1]
+  group = num_heads // num_kv_heads
+  grouped = q.reshape(batch, num_new, num_kv_heads, group, head_dim).astype(jnp.float32)
+  scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k.astype(jnp.float32)) * head_dim ** -0.5
+  visible = (key_positions[:, :, None, :] >= 0) & (
+      key_positions[:, :, None, :] <= query_positions[:, None, :, None])  # [B, Hkv, T, C]
+  scores = jnp.where(visible[:, :, None], scores, _MASKED)
+  probs = jnp.where(visible[:, :, None], jax.nn.softmax(scores, axis=-1), 0.0)
+  out = jnp.einsum("bkgts,bksd->btkgd", probs, v.astype(jnp.float32))
+  return out.reshape(batch, num_new, num_heads, head_dim).astype(q.dtype)
+
+
+def _kernel(q_ref, k_ref, v_ref, key_pos_ref, query_pos_ref, out_ref, *, block):
+  queries = q_ref[0, 0].astype(jnp.float32) * q_ref.shape[-1] ** -0.5      # [GT, D]
+  query_pos = query_pos_ref[0, 0]                                          # [GT]
+  num_rows, head_dim = queries.shape
+
+  def visit(i, carry):
+    running_max, denom, acc = carry
+    start = pl.multiple_of(i * block, block)
+    keys = k_ref[0, 0, pl.ds(start, block), :].astype(jnp.float32)         # [BK, D]
+    values = v_ref[0, 0, pl.ds(start, block), :].astype(jnp.float32)
+    key_pos = key_pos_ref[0, 0, pl.ds(start, block)]                        # [BK]
+    scores = jax.lax.dot_general(queries, keys, (((1,), (1,)), ((), ())))   # [GT, BK]
+    visible = (key_pos[None, :] >= 0) & (key_pos[None, :] <= query_pos[:, None])
+    scores = jnp.where(visible, scores, _MASKED)
+    new_max = jnp.maximum(running_max, scores.max(axis=1))
+    weights = jnp.where(visible, jnp.exp(scores - new_max[:, None]), 0.0)
+    rescale = jnp.exp(running_max - new_max)
+    denom = denom * rescale + weights.sum(axis=1)
+    acc = acc * rescale[:, None] + jnp.dot(weights, values)
+    return new_max, denom, acc
+
+  init = (jnp.full((num_rows,), _MASKED, jnp.float32), jnp.zeros((num_rows,), jnp.float32),
+          jnp.zeros((num_rows, head_dim), jnp.float32))
+  _, denom, acc = jax.lax.fori_loop(0, k_ref.shape[2] // block, visit, init)
+  out_ref[0, 0] = (acc / jnp.maximum(denom, 1e-30)[:, None]).astype(out_ref.dtype)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "interpret"))
+def sparse_decode_attention(q, k, v, key_positions, query_positions, *, block: int = 128,
+                            interpret: bool | None = None):
+  """Pallas version of `sparse_decode_attention_reference` (same signature and result).
+
+  C is padded to a multiple of `block` with empty slots. A query that sees no key returns zeros
+  (the reference returns the mean of nothing too, as zeros).
+  """
+  batch, num_new, num_heads, head_dim = q.shape
+  num_kv_heads, capacity = k.shape[1], k.shape[2]
+  group = num_heads // num_kv_heads
+  block = min(block, pl.next_power_of_2(capacity))
+  padded = pl.cdiv(capacity, block) * block
+  if padded != capacity:
+    pad = ((0, 0), (0, 0), (0, padded - capacity))
+    k, v = jnp.pad(k, pad + ((0, 0),)), jnp.pad(v, pad + ((0, 0),))
+    key_positions = jnp.pad(key_positions, pad, constant_values=-1)
+  rows = group * num_new  # query rows of one KV head: (g, t) flattened
+  q_grouped = q.reshape(batch, num_new, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
+  q_grouped = q_grouped.reshape(batch, num_kv_heads, rows, head_dim)
+  query_rows = jnp.tile(query_positions, (1, group)).reshape(batch, 1, rows)
+  kernel = functools.partial(_kernel, block=block)
+  out = pl.pallas_call(
+      kernel,
+      grid=(batch, num_kv_heads),
+      in_specs=[
+          pl.BlockSpec((1, 1, rows, head_dim), lambda b, h: (b, h, 0, 0)),
+          pl.BlockSpec((1, 1, padded, head_dim), lambda b, h: (b, h, 0, 0)),
+          pl.BlockSpec((1, 1, padded, head_dim), lambda b, h: (b, h, 0, 0)),
+          pl.BlockSpec((1, 1, padded), lambda b, h: (b, h, 0)),
+          pl.BlockSpec((1, 1, rows), lambda b, h: (b, 0, 0)),
+      ],
+      out_specs=pl.BlockSpec((1, 1, rows, head_dim), lambda b, h: (b, h, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), q.dtype),
+      interpret=interpret_mode() if interpret is None else interpret,
+  )(q_grouped, k, v, key_positions, query_rows)
+  out = out.reshape(batch, num_kv_heads, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
+  return out.reshape(batch, num_new, num_heads, head_dim)
