@@ -16,6 +16,17 @@ def timed(fn, *args, repeats: int = 1, **kwargs):
   return result, sorted(times)[len(times) // 2]
 
 
+def timed_with_fresh_args(fn, make_args, repeats: int = 3):
+  """Like `timed` for a callable that donates its inputs: `make_args()` (untimed) builds each call's."""
+  times = []
+  for _ in range(repeats):
+    args = jax.block_until_ready(make_args())
+    start = time.perf_counter()
+    result = jax.block_until_ready(fn(*args))
+    times.append(time.perf_counter() - start)
+  return result, sorted(times)[len(times) // 2]
+
+
 def read_bandwidth(num_bytes: int = 1024 * 2**20, repeats: int = 5) -> float:
   """Measured device read bandwidth (bytes/s): a max-reduction streaming `num_bytes` once.
 

@@ -25,8 +25,19 @@ def _causal_if_none(chunk_mask, batch: int, num_new: int):
   return jnp.broadcast_to(jnp.tril(jnp.ones((num_new, num_new), bool)), (batch, num_new, num_new))
 
 
+class _Length:
+  """Commit / rollback by length, shared by both caches (`length` = position of the next token)."""
+
+  def truncate(self, length):
+    """Keeps the first `length` positions of each row."""
+    return self.replace(length=jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape))
+
+  def advance(self, num_new: int):
+    return self.replace(length=self.length + num_new)
+
+
 @flax.struct.dataclass
-class FullKVCache:
+class FullKVCache(_Length):
   """Keys (after RoPE) and values of every past token, slot index = token position.
 
   k, v: [layers, batch, kv_heads, capacity, head_dim]; length: [batch] int32 valid entries per row.
@@ -54,13 +65,6 @@ class FullKVCache:
   @property
   def batch_size(self) -> int:
     return self.k.shape[1]
-
-  def truncate(self, length) -> "FullKVCache":
-    """Keeps the first `length` entries of each row: commit / rollback."""
-    return self.replace(length=jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape))
-
-  def advance(self, num_new: int) -> "FullKVCache":
-    return self.replace(length=self.length + num_new)
 
   def write(self, layer, k, v, positions) -> "FullKVCache":
     """Stores k, v: [B, T, Hkv, D] at slots [length, length + T); writes past capacity drop."""
@@ -109,7 +113,7 @@ class FullKVCache:
 
 
 @flax.struct.dataclass
-class SparseKVCache:
+class SparseKVCache(_Length):
   """A drafter cache holding a kept subset of the prompt plus a ring of recent tokens.
 
   k, v: [layers, batch, kv_heads, capacity, head_dim]; positions: [layers, batch, kv_heads,
@@ -139,12 +143,6 @@ class SparseKVCache:
   @property
   def batch_size(self) -> int:
     return self.k.shape[1]
-
-  def truncate(self, length) -> "SparseKVCache":
-    return self.replace(length=jnp.broadcast_to(jnp.asarray(length, jnp.int32), self.length.shape))
-
-  def advance(self, num_new: int) -> "SparseKVCache":
-    return self.replace(length=self.length + num_new)
 
   def write(self, layer, k, v, positions) -> "SparseKVCache":
     """Stores k, v: [B, T, Hkv, D] of tokens at `positions` [B, T] in their ring slots.

@@ -1,0 +1,1 @@
+"""BudgetDraft training: one drafter robust to every KV budget (losses and budget sampling so far)."""
