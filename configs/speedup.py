@@ -3,8 +3,9 @@
 Variants:
   default  what `make run` runs: 4K context, a few rows, ~5 min on a 2-core CPU;
   full     4K and 8K, every policy at budgets 256-2048, every verification rule (hours on CPU).
-A row's drafter is `layers:<k>` (the verifier's first k layers + final norm + shared head) or `self`
-(the verifier itself, which isolates the effect of the sparse cache on acceptance).
+A row's drafter is `layers:<k>` (the verifier's first k layers + final norm + shared head), `self`
+(the verifier itself, which isolates the effect of the sparse cache on acceptance) or
+`checkpoint:<path>` (any Llama-family GGUF / HF folder sharing the verifier's tokenizer).
 """
 
 import ml_collections

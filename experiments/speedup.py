@@ -82,12 +82,16 @@ def measure_speculative(verifier, drafter, prompt, spec):
 
 
 def _drafter(name, config, params):
+  """'self', 'layers:<k>' (the verifier's first k layers) or 'checkpoint:<path>' (any Llama-family
+  GGUF or HF folder sharing the verifier's tokenizer)."""
+  kind, _, value = name.partition(":")
   if name == "self":
     return config, params
-  kind, _, layers = name.partition(":")
-  if kind != "layers" or not layers.isdigit():
-    raise ValueError(f"drafter {name!r}: expected 'self' or 'layers:<k>'")
-  return checkpoint_io.take_layers(config, params, int(layers))
+  if kind == "layers" and value.isdigit():
+    return checkpoint_io.take_layers(config, params, int(value))
+  if kind == "checkpoint" and value:
+    return checkpoint_io.load_checkpoint(value)
+  raise ValueError(f"drafter {name!r}: expected 'self', 'layers:<k>' or 'checkpoint:<path>'")
 
 
 def _plot(rows, path):

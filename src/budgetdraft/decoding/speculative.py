@@ -179,6 +179,25 @@ def _keep_path(cache: FullKVCache, root, path, gamma: int) -> FullKVCache:
   return cache.replace(k=move_rows(cache.k, source, target), v=move_rows(cache.v, source, target))
 
 
+def _emitted(chosen, num_accepted, next_token, running, done, spec):
+  """This round's tokens per row: the accepted drafts then the verifier's token, cut after EOS.
+
+  Returns (emitted [B, gamma + 1] padded with pad_id, count [B] (0 for finished rows), done [B]).
+  """
+  gamma = chosen.shape[1]
+  index = jnp.arange(gamma + 1)[None, :]
+  emitted = jnp.where(index < num_accepted[:, None], jnp.pad(chosen, ((0, 0), (0, 1))),
+                      next_token[:, None])
+  count = num_accepted + 1
+  if spec.eos_id is not None:
+    is_eos = (emitted == spec.eos_id) & (index < count[:, None])
+    hit = is_eos.any(axis=1)
+    count = jnp.where(hit, jnp.argmax(is_eos, axis=1) + 1, count)
+    done = done | (hit & running)
+  count = jnp.where(running, count, 0)
+  return jnp.where(index < count[:, None], emitted, spec.pad_id), count, done
+
+
 @functools.partial(jax.jit, static_argnames=("verifier_config", "drafter_config", "spec"))
 def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config: ModelConfig,
            drafter_config: ModelConfig, spec: SpeculativeConfig) -> SpecState:
@@ -219,20 +238,7 @@ def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config
     verifier_cache = verifier_cache.truncate(root + jnp.where(running, 1 + num_accepted, 0))
 
     chosen = jnp.take_along_axis(drafts, path[:, None, None], axis=1)[:, 0]   # [B, gamma]
-    index = jnp.arange(gamma + 1)[None, :]
-    emitted = jnp.where(index < num_accepted[:, None],
-                        jnp.pad(chosen, ((0, 0), (0, 1))), next_token[:, None])
-    count = num_accepted + 1
-    if spec.eos_id is not None:
-      is_eos = (emitted == spec.eos_id) & (index < count[:, None])
-      first_eos = jnp.argmax(is_eos, axis=1)
-      hit = is_eos.any(axis=1)
-      count = jnp.where(hit, first_eos + 1, count)
-      done = state.done | (hit & running)
-    else:
-      done = state.done
-    count = jnp.where(running, count, 0)
-    emitted = jnp.where(index < count[:, None], emitted, spec.pad_id)
+    emitted, count, done = _emitted(chosen, num_accepted, next_token, running, state.done, spec)
     write = lambda row, new, at: jax.lax.dynamic_update_slice(row, new, (at,))
     tokens = jnp.where(running[:, None],
                        jax.vmap(write)(state.tokens, emitted, state.num_emitted), state.tokens)
