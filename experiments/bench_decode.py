@@ -6,6 +6,8 @@ A decode step must read every weight and the valid part of the KV cache once, so
 floor = (weight bytes + KV bytes) / measured read bandwidth; `x floor` is how far a step is from it.
 """
 
+import os
+
 import jax
 import jax.numpy as jnp
 from absl import app, flags, logging
@@ -67,7 +69,7 @@ def main(argv):
     logging.info("%s", rows[-1])
   table = tables.markdown_table(rows)
   print(table)
-  notes = (f"Model: {path} ({weight_bytes / 1e6:.0f} MB of {config.param_dtype} weights, "
+  notes = (f"Model: {os.path.basename(path)} ({weight_bytes / 1e6:.0f} MB of {config.param_dtype} weights, "
            f"{config.compute_dtype} compute). Batch 1, greedy, {new_tokens} new tokens.\n"
            f"Measured read bandwidth (max-reduction over 1 GiB): {bandwidth / 1e9:.1f} GB/s. "
            "Floor = (weights + KV at the full context) / bandwidth per decode step; "
