@@ -68,11 +68,11 @@ def write_gguf(path, config, params, quant="F32", drop=(), reshape=()):
   writer.add_vocab_size(config.vocab_size)
   hf = hf_tensors(config, params)
   to_gguf = {}
-  for name, (gguf_name, hf_name) in {**_LAYER_TENSORS, **_BIAS_TENSORS}.items():
+  for gguf_name, hf_name in {**_LAYER_TENSORS, **_BIAS_TENSORS}.values():
     for i in range(config.num_layers):
       if f"model.layers.{i}.{hf_name}" in hf:
         to_gguf[f"model.layers.{i}.{hf_name}"] = f"blk.{i}.{gguf_name}"
-  for name, (gguf_name, hf_name) in _GLOBAL_TENSORS.items():
+  for gguf_name, hf_name in _GLOBAL_TENSORS.values():
     to_gguf[hf_name] = gguf_name
   qtype = getattr(gguf.GGMLQuantizationType, quant)
   for hf_name, array in hf.items():

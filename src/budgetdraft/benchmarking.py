@@ -8,12 +8,7 @@ import jax.numpy as jnp
 
 def timed(fn, *args, repeats: int = 1, **kwargs):
   """(result of the last call, median wall seconds) of an already compiled callable."""
-  times = []
-  for _ in range(repeats):
-    start = time.perf_counter()
-    result = jax.block_until_ready(fn(*args, **kwargs))
-    times.append(time.perf_counter() - start)
-  return result, sorted(times)[len(times) // 2]
+  return timed_with_fresh_args(lambda *a: fn(*a, **kwargs), lambda: args, repeats)
 
 
 def timed_with_fresh_args(fn, make_args, repeats: int = 3):

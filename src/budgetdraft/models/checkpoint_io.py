@@ -5,6 +5,7 @@ and hand it to one assembler, which checks shapes, transposes to [in, out], stac
 Every malformed input raises `CheckpointError` naming the file and the tensor.
 """
 
+import contextlib
 import dataclasses
 import glob
 import importlib.util
@@ -51,6 +52,17 @@ _GLOBAL_TENSORS = {
     "final_norm/scale": ("output_norm.weight", "model.norm.weight"),
     "lm_head/kernel": ("output.weight", "lm_head.weight"),
 }
+
+
+_GGUF, _HF = 0, 1  # column of the name tables, and the layer prefix of each format
+_LAYER_PREFIX = {_GGUF: "blk.{}.", _HF: "model.layers.{}."}
+
+
+def _tensor_name(name: str, layer: int | None, fmt: int) -> str:
+  """The checkpoint's name for our param `name` (of `layer`, or global when layer is None)."""
+  if layer is None:
+    return _GLOBAL_TENSORS[name][fmt]
+  return _LAYER_PREFIX[fmt].format(layer) + {**_LAYER_TENSORS, **_BIAS_TENSORS}[name][fmt]
 
 
 def _expected_hf_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -172,13 +184,8 @@ def load_gguf(path: str, **config_overrides) -> tuple[ModelConfig, dict]:
   permuted = _gguf_field(reader, "general.architecture") != "qwen2"
   head_counts = {"q_proj": config.num_heads, "k_proj": config.num_kv_heads}
 
-  def gguf_name(name, layer):
-    table = _GLOBAL_TENSORS if layer is None else {**_LAYER_TENSORS, **_BIAS_TENSORS}
-    suffix = table[name][0]
-    return suffix if layer is None else f"blk.{layer}.{suffix}"
-
   def fetch(name, layer):
-    tensor_name = gguf_name(name, layer)
+    tensor_name = _tensor_name(name, layer, _GGUF)
     if tensor_name not in tensors:
       raise CheckpointError(f"{path}: missing tensor {tensor_name}")
     tensor = tensors[tensor_name]
@@ -192,7 +199,7 @@ def load_gguf(path: str, **config_overrides) -> tuple[ModelConfig, dict]:
       array = _unpermute_rows(array, head_counts[module])
     return array
 
-  describe = lambda name, layer: f"{path}: tensor {gguf_name(name, layer)}"
+  describe = lambda name, layer: f"{path}: tensor {_tensor_name(name, layer, _GGUF)}"
   return config, _assemble(config, fetch, describe)
 
 
@@ -262,31 +269,23 @@ def load_safetensors(directory: str, **config_overrides) -> tuple[ModelConfig, d
     for file in files:
       with _open_safetensors(file) as f:
         weight_map.update({key: os.path.basename(file) for key in f.keys()})
-  handles = {}
-
-  def hf_name(name, layer):
-    table = _GLOBAL_TENSORS if layer is None else {**_LAYER_TENSORS, **_BIAS_TENSORS}
-    suffix = table[name][1]
-    return suffix if layer is None else f"model.layers.{layer}.{suffix}"
+  handles, open_files = {}, contextlib.ExitStack()
 
   def fetch(name, layer):
-    tensor_name = hf_name(name, layer)
+    tensor_name = _tensor_name(name, layer, _HF)
     if tensor_name not in weight_map:
       raise CheckpointError(f"{directory}: missing tensor {tensor_name}")
     file = os.path.join(directory, weight_map[tensor_name])
     if file not in handles:
-      handles[file] = _open_safetensors(file).__enter__()
+      handles[file] = open_files.enter_context(_open_safetensors(file))
     try:
       return handles[file].get_tensor(tensor_name)
     except Exception as e:
       raise CheckpointError(f"{file}: cannot read tensor {tensor_name} ({e})") from e
 
-  describe = lambda name, layer: f"{directory}: tensor {hf_name(name, layer)}"
-  try:
+  describe = lambda name, layer: f"{directory}: tensor {_tensor_name(name, layer, _HF)}"
+  with open_files:
     return config, _assemble(config, fetch, describe)
-  finally:
-    for handle in handles.values():
-      handle.__exit__(None, None, None)
 
 
 def _open_safetensors(file: str):
