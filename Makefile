@@ -6,7 +6,7 @@ DATA_DIR ?= data
 INSTALLED := $(VENV)/.installed
 PREPARED := $(DATA_DIR)/.prepared
 
-.PHONY: run test venv data bench clean
+.PHONY: run test venv data bench drafters clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,16 @@ run: data
 bench: data
 	$(BIN)/python experiments/bench_decode.py --data_dir=$(DATA_DIR)
 	$(BIN)/python experiments/verification_table.py
+
+# BudgetDraft (issue 5): train the naive, single-budget and multi-view drafters for SmolLM2 (they
+# share one teacher cache; each resumes from its checkpoints), then compare them across budgets.
+DRAFTER_VARIANTS := multiview single naive
+drafters: data
+	for variant in $(DRAFTER_VARIANTS); do \
+	  $(BIN)/python experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:$$variant \
+	    --config.data_dir=$(DATA_DIR) || exit 1; done
+	$(BIN)/python experiments/acceptance_vs_budget.py --config.data_dir=$(DATA_DIR)
+	$(BIN)/python experiments/speedup.py --config=configs/speedup.py:trained --config.data_dir=$(DATA_DIR)
 
 test: data
 	BUDGETDRAFT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q

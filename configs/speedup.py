@@ -3,9 +3,9 @@
 Variants:
   default  what `make run` runs: 4K context, a few rows, ~5 min on a 2-core CPU;
   full     4K and 8K, every policy at budgets 256-2048, every verification rule (hours on CPU).
-A row's drafter is `layers:<k>` (the verifier's first k layers + final norm + shared head), `self`
-(the verifier itself, which isolates the effect of the sparse cache on acceptance) or
-`checkpoint:<path>` (any Llama-family GGUF / HF folder sharing the verifier's tokenizer).
+  trained  the drafters trained by experiments/train_drafter.py (run those first) at 4K.
+A row's drafter is a `drafters.from_spec` string: `layers:<k>`, `self`, `trained:<workdir>` or
+`checkpoint:<path>`.
 """
 
 import ml_collections
@@ -33,7 +33,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   config.window = 64
   config.recent = 128
   if variant == "default":
-    config.contexts = [4096]
+    config.contexts = (4096,)
     config.rows = [
         _row("layers:8"),
         _row("layers:8", "snapkv", 512),
@@ -44,7 +44,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
         _row("self", "snapkv", 1024),
     ]
   elif variant == "full":
-    config.contexts = [4096, 8192]
+    config.contexts = (4096, 8192)
     config.num_prompts = 4
     rows = [_row("layers:8"), _row("self")]
     for drafter in ("layers:8", "self"):
@@ -55,6 +55,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
       rows += [_row(drafter, "snapkv", 1024, rule=rule, num_paths=paths)
                for rule in ("specinfer", "gbv") for paths in (2, 4)]
     config.rows = rows
+  elif variant == "trained":
+    config.contexts = (4096,)
+    trained = lambda name: f"trained:checkpoints/budgetdraft_smollm2_{name}"
+    config.rows = [_row("layers:6", "snapkv", 256)]
+    config.rows += [_row(trained(name), "snapkv", 256) for name in ("naive", "single", "multiview")]
+    config.rows += [_row(trained("multiview"), "snapkv", budget) for budget in (128, 1024)]
+    config.rows += [_row(trained("multiview"))]
   else:
-    raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full")
+    raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full, trained")
   return config

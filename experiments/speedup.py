@@ -17,7 +17,7 @@ import jax.numpy as jnp
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from budgetdraft import benchmarking, tables
+from budgetdraft import benchmarking, drafters, tables
 from budgetdraft import tokenizer as tokenizer_lib
 from budgetdraft.data import packing, readers
 from budgetdraft.decoding import autoregressive, speculative
@@ -81,19 +81,6 @@ def measure_speculative(verifier, drafter, prompt, spec):
               **stats)
 
 
-def _drafter(name, config, params):
-  """'self', 'layers:<k>' (the verifier's first k layers) or 'checkpoint:<path>' (any Llama-family
-  GGUF or HF folder sharing the verifier's tokenizer)."""
-  kind, _, value = name.partition(":")
-  if name == "self":
-    return config, params
-  if kind == "layers" and value.isdigit():
-    return checkpoint_io.take_layers(config, params, int(value))
-  if kind == "checkpoint" and value:
-    return checkpoint_io.load_checkpoint(value)
-  raise ValueError(f"drafter {name!r}: expected 'self', 'layers:<k>' or 'checkpoint:<path>'")
-
-
 def _plot(rows, path):
   import matplotlib
   matplotlib.use("Agg")
@@ -124,12 +111,11 @@ def main(argv):
   sampling = SamplingConfig(temperature=cfg.temperature)
   rows = []
   for context in cfg.contexts:
-    prompt_len = context - cfg.new_tokens
-    windows, _, _ = packing.document_windows(
-        readers.documents(cfg.dataset, cfg.data_dir, cfg.split), tokenizer, prompt_len,
-        max_windows=cfg.num_prompts)
-    if len(windows) < cfg.num_prompts:
-      raise ValueError(f"only {len(windows)} {cfg.split} windows of {prompt_len} tokens")
+    # A round may verify num_paths * gamma + 1 tokens past the last emitted one.
+    headroom = max(row["num_paths"] for row in cfg.rows) * cfg.gamma + 1
+    prompt_len = context - cfg.new_tokens - headroom
+    windows = packing.first_windows(readers.documents(cfg.dataset, cfg.data_dir, cfg.split),
+                                    tokenizer, prompt_len, cfg.num_prompts)
     prompts = [jnp.asarray(w[None]) for w in windows]
     ar = [measure_ar(params, config, p, sampling, cfg.new_tokens, cfg.prefill_chunk)
           for p in prompts]
@@ -142,7 +128,7 @@ def main(argv):
       spec = speculative.SpeculativeConfig(
           gamma=cfg.gamma, num_paths=row["num_paths"], rule=row["rule"], sampling=sampling,
           max_new_tokens=cfg.new_tokens, prefill_chunk=cfg.prefill_chunk, sparsity=sparsity)
-      drafter = _drafter(row["drafter"], config, params)
+      drafter = drafters.from_spec(row["drafter"], config, params)
       runs = [measure_speculative((config, params), drafter, p, spec) for p in prompts]
       total = lambda key: sum(r[key] for r in runs)
       rounds = total("rounds")

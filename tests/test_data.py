@@ -23,6 +23,17 @@ def test_windows_never_cross_documents():
   np.testing.assert_array_equal(limited, windows[:3])
 
 
+def test_first_windows_raises_when_documents_are_too_short():
+  class CharTokenizer:
+    encode = staticmethod(lambda text: [ord(c) for c in text])
+
+  docs = [readers.Document("a", "x" * 50), readers.Document("b", "y" * 130)]
+  windows = packing.first_windows(docs, CharTokenizer(), window=40, count=3)
+  assert [chr(w[0]) for w in windows] == ["x", "y", "y"]
+  with pytest.raises(ValueError, match="only 4 windows of 40 tokens, 5 needed"):
+    packing.first_windows(docs, CharTokenizer(), window=40, count=5)
+
+
 def test_long_books_builder_splits_by_document(tmp_path):
   raw = tmp_path / "raw"
   for source, count in (("a", 12), ("b", 9)):

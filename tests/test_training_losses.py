@@ -16,14 +16,16 @@ def _logits(probs):
 def test_identical_distributions_cost_nothing():
   p = jnp.array([[[0.2, 0.5, 0.3], [0.6, 0.3, 0.1]]])
   mask = jnp.ones((1, 2))
-  assert float(losses.divergence(p, _logits(p), mask, kl_weight=1.0)) == pytest.approx(0, abs=1e-6)
+  loss, acceptance = losses.divergence(p, _logits(p), mask, kl_weight=1.0)
+  assert float(loss) == pytest.approx(0, abs=1e-6)
+  assert float(acceptance) == pytest.approx(1, abs=1e-6)
 
 
 def test_disjoint_supports_are_always_rejected():
   p = jnp.array([[[0.5, 0.5, 0.0, 0.0]]])
   q = jnp.array([[[0.0, 0.0, 0.3, 0.7]]])
   draft_logits = jnp.log(jnp.maximum(q, 1e-30))
-  assert float(losses.divergence(p, draft_logits, jnp.ones((1, 1)), 0.0)) == pytest.approx(1.0)
+  assert float(losses.divergence(p, draft_logits, jnp.ones((1, 1)), 0.0)[0]) == pytest.approx(1.0)
 
 
 def test_expected_rejection_is_total_variation():
@@ -36,8 +38,8 @@ def test_expected_rejection_is_total_variation():
 def test_mask_selects_positions():
   p = jnp.array([[[1.0, 0.0], [1.0, 0.0]]])
   q = _logits([[[1.0, 1e-9], [1e-9, 1.0]]])
-  assert float(losses.divergence(p, q, jnp.array([[1, 0]]), 0.0)) == pytest.approx(0, abs=1e-6)
-  assert float(losses.divergence(p, q, jnp.array([[0, 1]]), 0.0)) == pytest.approx(1, abs=1e-6)
+  assert float(losses.divergence(p, q, jnp.array([[1, 0]]), 0.0)[0]) == pytest.approx(0, abs=1e-6)
+  assert float(losses.divergence(p, q, jnp.array([[0, 1]]), 0.0)[0]) == pytest.approx(1, abs=1e-6)
 
 
 def test_budgetdraft_loss_combines_branches_and_has_finite_gradients():
@@ -49,7 +51,7 @@ def test_budgetdraft_loss_combines_branches_and_has_finite_gradients():
   total, parts = losses.budgetdraft_loss(teacher, full, views, mask, sparse_weight=0.5,
                                          kl_weight=0.1)
   assert float(total) == pytest.approx(float(parts["full"] + 0.5 * parts["sparse"]), rel=1e-6)
-  assert parts["per_view"].shape == (3,)
+  assert parts["per_view"].shape == parts["acceptance_views"].shape == (3,)
   grads = jax.grad(lambda f, v: losses.budgetdraft_loss(
       teacher, f, v, mask, sparse_weight=0.5, kl_weight=0.1)[0], argnums=(0, 1))(full, views)
   assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in grads)

@@ -2,8 +2,8 @@
 
 Caches are preallocated to a static capacity and `length` (the position of the next token) is the
 only dynamic size, so committing or rolling back tokens is a length change, never a copy. The model
-only calls `write`, `attend` and `advance`, so it runs unchanged on the verifier's full cache and on
-the drafter's sparse cache.
+only calls `write`, `attend` and `advance`, so it runs unchanged on the verifier's full cache, on
+the drafter's sparse cache, and on the masked full cache that stands in for a sparse one in training.
 """
 
 import flax.struct
@@ -176,3 +176,51 @@ class SparseKVCache(_Length):
 
   def nbytes(self) -> int:
     return self.k.nbytes + self.v.nbytes + self.positions.nbytes
+
+
+@flax.struct.dataclass
+class MaskedKVCache:
+  """A full cache seen through a sparse cache's eyes: the differentiable twin of `SparseKVCache`.
+
+  Training cannot gather a different kept set per budget and differentiate through the gather and
+  the ring, so it keeps every key and masks instead: a query at position i sees key j iff j <= i and
+  (keep[layer, b, h, j], or j >= ring_base and i - j < ring_size) -- exactly the keys the sparse
+  cache would hold after compressing at ring_base and then feeding tokens one at a time. One masked
+  softmax over all slots (no dynamic loop), so reverse-mode differentiation works.
+
+  cache: the underlying `FullKVCache` (slot = position); keep: [L, B, Hkv, capacity] bool (all True
+  = the full cache); ring_base: [B] the compression point (the prompt length).
+  """
+
+  cache: FullKVCache
+  keep: jax.Array
+  ring_base: jax.Array
+  ring_size: int = flax.struct.field(pytree_node=False, default=1)
+
+  @property
+  def length(self):
+    return self.cache.length
+
+  def truncate(self, length) -> "MaskedKVCache":
+    return self.replace(cache=self.cache.truncate(length))
+
+  def advance(self, num_new: int) -> "MaskedKVCache":
+    return self.replace(cache=self.cache.advance(num_new))
+
+  def write(self, layer, k, v, positions) -> "MaskedKVCache":
+    return self.replace(cache=self.cache.write(layer, k, v, positions))
+
+  def attend(self, layer, q, chunk_mask):
+    """Attention of q [B, T, H, D] over the visible keys (chunk_mask None = causal)."""
+    return self.attend_with_probs(layer, q, chunk_mask)[0]
+
+  def attend_with_probs(self, layer, q, chunk_mask):
+    batch, num_new = q.shape[:2]
+    chunk_mask = _causal_if_none(chunk_mask, batch, num_new)
+    key_positions = jnp.broadcast_to(jnp.arange(self.cache.capacity), (batch, self.cache.capacity))
+    causal = attention.visible_mask(self.length, chunk_mask, key_positions)  # [B, T, S]
+    query_positions = self.length[:, None] + jnp.arange(num_new)[None, :]
+    distance = query_positions[:, :, None] - key_positions[:, None, :]
+    in_ring = (key_positions >= self.ring_base[:, None])[:, None, :] & (distance < self.ring_size)
+    visible = causal[:, None] & (self.keep[layer][:, :, None, :] | in_ring[:, None])
+    return attention.dense_attention(q, self.cache.k[layer], self.cache.v[layer], visible)

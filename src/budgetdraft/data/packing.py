@@ -32,3 +32,15 @@ def document_windows(documents, tokenizer, window: int, max_windows: int | None 
   """Tokenizes documents lazily (stopping once `max_windows` are packed) and packs them."""
   token_docs = (tokenizer.encode(doc.text) for doc in documents)
   return pack_windows(token_docs, window, max_windows)
+
+
+def first_windows(documents, tokenizer, window: int, count: int) -> np.ndarray:
+  """The first `count` windows [count, window] of the documents (evaluation prompts).
+
+  Raises ValueError when the documents hold fewer, naming what would work.
+  """
+  windows, _, _ = document_windows(documents, tokenizer, window, max_windows=count)
+  if len(windows) < count:
+    raise ValueError(f"only {len(windows)} windows of {window} tokens, {count} needed: shorten "
+                     "the context, ask for fewer prompts or use a dataset with longer documents")
+  return windows

@@ -1,1 +1,1 @@
-"""BudgetDraft training: one drafter robust to every KV budget (losses and budget sampling so far)."""
+"""BudgetDraft training: one drafter robust to every KV budget (views, losses, step, loop)."""

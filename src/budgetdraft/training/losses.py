@@ -27,23 +27,29 @@ def forward_kl(teacher_probs, draft_log_probs):
 
 
 def divergence(teacher_probs, draft_logits, mask, kl_weight: float):
-  """Masked mean of expected rejection + kl_weight * forward KL over positions."""
+  """(masked mean of expected rejection + kl_weight * forward KL, acceptance = 1 - mean rejection)."""
   draft_log_probs = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
-  per_position = expected_rejection(teacher_probs, draft_log_probs)
+  rejection = expected_rejection(teacher_probs, draft_log_probs)
+  per_position = rejection
   if kl_weight:
     per_position = per_position + kl_weight * forward_kl(teacher_probs, draft_log_probs)
   mask = mask.astype(jnp.float32)
-  return jnp.sum(per_position * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  mean = lambda x: jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+  return mean(per_position), 1.0 - mean(rejection)
 
 
 def budgetdraft_loss(teacher_probs, full_logits, view_logits, mask, *, sparse_weight: float,
                      kl_weight: float = 0.0):
-  """(total, {"full": L_full, "sparse": mean_B L_sparse(B), "per_view": [M]}).
+  """(total, parts) with parts = {"full": L_full, "sparse": mean_B L_sparse(B), "per_view": [M],
+  "acceptance_full": scalar, "acceptance_views": [M]}; acceptance = expected token-wise acceptance.
 
-  teacher_probs: [B, T, V]; full_logits: [B, T, V]; view_logits: [M, B, T, V] (M budgets).
+  teacher_probs: [B, T, V]; full_logits: [B, T, V]; view_logits: [M, B, T, V] (M budgets, M = 0
+  trains the full branch alone: naive distillation).
   """
-  full = divergence(teacher_probs, full_logits, mask, kl_weight)
-  per_view = jax.vmap(lambda logits: divergence(teacher_probs, logits, mask, kl_weight))(
-      view_logits)
-  sparse = jnp.mean(per_view)
-  return full + sparse_weight * sparse, {"full": full, "sparse": sparse, "per_view": per_view}
+  full, acceptance_full = divergence(teacher_probs, full_logits, mask, kl_weight)
+  per_view, acceptance_views = jax.vmap(
+      lambda logits: divergence(teacher_probs, logits, mask, kl_weight))(view_logits)
+  sparse = jnp.mean(per_view) if view_logits.shape[0] else jnp.zeros(())
+  return full + sparse_weight * sparse, {
+      "full": full, "sparse": sparse, "per_view": per_view, "acceptance_full": acceptance_full,
+      "acceptance_views": acceptance_views}

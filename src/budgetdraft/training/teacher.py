@@ -1,0 +1,96 @@
+"""The shared teacher target: the verifier's full-cache next-token law at every continuation position.
+
+Targets are the verifier's top-k probabilities renormalized (softmax over the k largest logits), so
+one representation serves the two sources the config chooses between:
+- on the fly: the verifier runs inside the training loop;
+- cached: computed once into an array_record file (one record per training sequence) and reused by
+  every run over the same sequences (naive, single-budget and multi-view baselines share it).
+"""
+
+import functools
+import json
+import os
+
+from absl import logging
+import array_record.python.array_record_module as array_record
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from budgetdraft.decoding.prefill import prefill
+from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.transformer import Transformer
+
+
+@functools.partial(jax.jit, static_argnames=("config", "prompt_len", "top_k", "chunk_size"))
+def teacher_targets(params, tokens, *, config: ModelConfig, prompt_len: int, top_k: int,
+                    chunk_size: int = 512):
+  """(token ids [B, C, k] int32, probs [B, C, k] float32) at continuation positions tokens[:, P:]."""
+  batch, seq_len = tokens.shape
+  model = Transformer(config)
+  lengths = jnp.full((batch,), prompt_len, jnp.int32)
+  _, cache = prefill(model, params, tokens[:, :prompt_len], lengths,
+                     FullKVCache.init(config, batch, seq_len + chunk_size), chunk_size)
+  positions = jnp.broadcast_to(jnp.arange(prompt_len, seq_len), (batch, seq_len - prompt_len))
+  hidden, _ = model.apply({"params": params}, tokens[:, prompt_len:], positions, cache)
+  logits = model.apply({"params": params}, hidden, method=Transformer.logits)
+  top_logits, ids = jax.lax.top_k(logits, top_k)
+  return ids.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1)
+
+
+def dense_probs(ids, probs, vocab_size: int):
+  """[..., V] teacher law from its top-k (ids, probs) [..., k]."""
+  dense = jnp.zeros(ids.shape[:-1] + (vocab_size,), jnp.float32)
+  return jnp.put_along_axis(dense, ids, probs, axis=-1, inplace=False)
+
+
+class TeacherCache:
+  """Top-k targets of sequences 0..N-1 in one array_record file, with a manifest that must match.
+
+  The manifest records what the targets depend on (verifier, sequence split, k, data identity); a
+  cache built for different settings is an error, never silently reused.
+  """
+
+  def __init__(self, directory: str, manifest: dict):
+    self.directory = directory
+    self.manifest = manifest
+    self._records = os.path.join(directory, "targets.array_record")
+    self._manifest_path = os.path.join(directory, "manifest.json")
+
+  def num_cached(self) -> int:
+    """Sequences already cached (0 if the cache does not exist yet)."""
+    if not os.path.exists(self._manifest_path):
+      return 0
+    with open(self._manifest_path) as f:
+      stored = json.load(f)
+    settings = {k: v for k, v in stored.items() if k != "num_sequences"}
+    if settings != self.manifest:
+      raise ValueError(f"teacher cache {self.directory} was built for {settings}, not "
+                       f"{self.manifest}; point teacher.cache_dir elsewhere or delete it")
+    return stored["num_sequences"]
+
+  def build(self, compute, sequences: np.ndarray) -> None:
+    """Computes targets for sequences [N, S] with `compute(tokens [1, S])` unless already cached."""
+    if self.num_cached() >= len(sequences):
+      return
+    os.makedirs(self.directory, exist_ok=True)
+    writer = array_record.ArrayRecordWriter(self._records, "group_size:1")
+    for i, sequence in enumerate(sequences):
+      ids, probs = jax.device_get(compute(sequence[None]))
+      writer.write(np.asarray(ids[0], np.int32).tobytes() + np.asarray(probs[0], np.float32).tobytes())
+      if (i + 1) % 10 == 0 or i + 1 == len(sequences):
+        logging.info("teacher targets: %d / %d sequences", i + 1, len(sequences))
+    writer.close()
+    with open(self._manifest_path, "w") as f:
+      json.dump({**self.manifest, "num_sequences": len(sequences)}, f, indent=1)
+
+  def read(self, indices, continuation: int, top_k: int):
+    """(ids [B, C, k], probs [B, C, k]) of the cached sequences `indices`."""
+    reader = array_record.ArrayRecordReader(self._records)
+    records = reader.read(list(map(int, indices)))
+    reader.close()
+    split = continuation * top_k * 4
+    ids = [np.frombuffer(r[:split], np.int32).reshape(continuation, top_k) for r in records]
+    probs = [np.frombuffer(r[split:], np.float32).reshape(continuation, top_k) for r in records]
+    return np.stack(ids), np.stack(probs)

@@ -1,0 +1,199 @@
+"""The BudgetDraft training loop: data, teacher targets, orbax resume, metrics and progress.
+
+The three methods of the paper are one trainer with different configs:
+  naive distillation   num_views = 0 (full-cache branch only);
+  single-budget        budgets = (B,), num_views = 1;
+  BudgetDraft          budgets = a range, num_views = M (multi-view) + the full branch.
+Everything random is a function of (seed, step) -- the sequence order is fixed by the data and
+the budgets and selection rng are drawn from the step -- so a run resumed from a checkpoint (step,
+params, optimizer state, data position) continues exactly as an uninterrupted one.
+"""
+
+import functools
+import hashlib
+import json
+import os
+import time
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import orbax.checkpoint as ocp
+from tensorboardX import SummaryWriter
+
+from budgetdraft import drafters
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.sparsity.selection import SparsityConfig
+from budgetdraft.training import budgets as budgets_lib
+from budgetdraft.training import teacher as teacher_lib
+from budgetdraft.training.train_step import StepSettings, TrainState, make_optimizer, make_train_step
+
+
+def check_config(cfg: ml_collections.ConfigDict, verifier_config: ModelConfig,
+                 sequence_len: int) -> budgets_lib.BudgetSampler | None:
+  """Validates a training config at the boundary; returns the budget sampler (None = naive)."""
+  if cfg.prompt_len + cfg.continuation != sequence_len:
+    raise ValueError(f"sequences have {sequence_len} tokens, but prompt_len + continuation = "
+                     f"{cfg.prompt_len} + {cfg.continuation}")
+  if sequence_len > verifier_config.max_context:
+    raise ValueError(f"training sequences of {sequence_len} tokens exceed the verifier's context "
+                     f"of {verifier_config.max_context}")
+  if cfg.steps < 1 or cfg.batch_size < 1:
+    raise ValueError(f"steps={cfg.steps} and batch_size={cfg.batch_size} must be >= 1")
+  if not 1 <= cfg.teacher.top_k <= verifier_config.vocab_size:
+    raise ValueError(f"teacher.top_k={cfg.teacher.top_k} must be in [1, vocab size "
+                     f"{verifier_config.vocab_size}]")
+  if cfg.num_views == 0:
+    return None
+  sampler = budgets_lib.BudgetSampler(tuple(cfg.budgets), cfg.num_views, cfg.sinks, cfg.window,
+                                      cfg.sparse_weight)
+  if max(cfg.budgets) >= cfg.prompt_len:
+    raise ValueError(f"budget {max(cfg.budgets)} keeps the whole {cfg.prompt_len}-token prompt "
+                     "(that is the full-cache branch); use budgets below prompt_len")
+  return sampler
+
+
+def _step_settings(cfg, sampler) -> StepSettings:
+  budget = min(cfg.budgets) if sampler else cfg.sinks + cfg.window
+  sparsity = SparsityConfig(policy=cfg.policy, budget=budget, sinks=cfg.sinks, window=cfg.window,
+                            recent=cfg.recent)
+  return StepSettings(prompt_len=cfg.prompt_len, sparsity=sparsity,
+                      ring_size=cfg.recent + cfg.gamma,
+                      sparse_weight=cfg.sparse_weight if sampler else 0.0,
+                      kl_weight=cfg.kl_weight, seed=cfg.seed)
+
+
+class _Teacher:
+  """Teacher targets for sequence indices, on the fly or from the array_record cache."""
+
+  def __init__(self, cfg, verifier_config, verifier_params, sequences, verifier_name):
+    self.top_k, self.continuation = cfg.teacher.top_k, cfg.continuation
+    self.sequences = sequences
+    self.compute = functools.partial(
+        teacher_lib.teacher_targets, verifier_params, config=verifier_config,
+        prompt_len=cfg.prompt_len, top_k=cfg.teacher.top_k)
+    self.cache = None
+    if cfg.teacher.cache_dir:
+      fingerprint = hashlib.sha256(sequences.tobytes()).hexdigest()[:16]
+      self.cache = teacher_lib.TeacherCache(cfg.teacher.cache_dir, {
+          "verifier": verifier_name, "prompt_len": cfg.prompt_len,
+          "continuation": cfg.continuation, "top_k": cfg.teacher.top_k,
+          "sequences": fingerprint})
+      self.cache.build(self.compute, sequences)
+
+  def __call__(self, indices):
+    if self.cache is not None:
+      return self.cache.read(indices, self.continuation, self.top_k)
+    return self.compute(jnp.asarray(self.sequences[indices]))
+
+
+class _Progress:
+  """Per-step metrics to metrics.jsonl and TensorBoard; an aggregated progress line in the log."""
+
+  def __init__(self, workdir: str, start_step: int, total_steps: int, tokens_per_step: int):
+    self.path = os.path.join(workdir, "metrics.jsonl")
+    self._keep_lines_before(start_step)
+    self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
+    self.total, self.tokens_per_step = total_steps, tokens_per_step
+    self.start_step, self.start_time = start_step, time.time()
+    self.window = []
+
+  def _keep_lines_before(self, step: int):
+    """A resumed run rewrites the steps after its checkpoint."""
+    if not os.path.exists(self.path):
+      return
+    with open(self.path) as f:
+      lines = [line for line in f if json.loads(line)["step"] < step]
+    with open(self.path, "w") as f:
+      f.writelines(lines)
+
+  def record(self, step: int, metrics: dict, budgets: np.ndarray, log: bool):
+    record = {"step": step, "loss": float(metrics["loss"]), "full": float(metrics["full"]),
+              "sparse": float(metrics["sparse"]), "grad_norm": float(metrics["grad_norm"]),
+              "acceptance_full": float(metrics["acceptance_full"]),
+              "budgets": budgets.tolist(),
+              "acceptance_views": np.asarray(metrics["acceptance_views"]).tolist()}
+    with open(self.path, "a") as f:
+      f.write(json.dumps(record) + "\n")
+    for key in ("loss", "full", "sparse", "grad_norm", "acceptance_full"):
+      self.writer.add_scalar(f"train/{key}", record[key], step)
+    for budget, acceptance in zip(record["budgets"], record["acceptance_views"]):
+      self.writer.add_scalar(f"acceptance/budget_{budget}", acceptance, step)
+    self.window.append(record)
+    if log:
+      self._log(step)
+
+  def _log(self, step: int):
+    done = step + 1 - self.start_step
+    elapsed = time.time() - self.start_time
+    per_step = elapsed / done
+    mean = lambda key: np.mean([r[key] for r in self.window])
+    by_budget = {}
+    for r in self.window:
+      for budget, acceptance in zip(r["budgets"], r["acceptance_views"]):
+        by_budget.setdefault(budget, []).append(acceptance)
+    views_text = "".join(f" B{b}={np.mean(a):.3f}" for b, a in sorted(by_budget.items()))
+    tokens_per_s = self.tokens_per_step / per_step
+    self.writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
+    logging.info("step %d/%d loss %.4f (full %.4f, sparse %.4f) acceptance full %.3f%s | "
+                 "%.0f tok/s, %.1f s/step, ETA %.1f min", step + 1, self.total, mean("loss"),
+                 mean("full"), mean("sparse"), mean("acceptance_full"), views_text, tokens_per_s,
+                 per_step, per_step * (self.total - step - 1) / 60)
+    self.window = []
+
+  def close(self):
+    self.writer.close()
+
+
+def train(cfg: ml_collections.ConfigDict, verifier_config: ModelConfig, verifier_params: dict,
+          sequences: np.ndarray, workdir: str, *, verifier_name: str = "",
+          stop_after: int | None = None) -> list[dict]:
+  """Trains a drafter cut from the verifier on sequences [N, P + C]; resumes from workdir.
+
+  stop_after: stop (with a checkpoint) after this many steps in total, as if the job were killed
+  there; a later call resumes. Returns the per-step metrics of this call. The trained drafter is
+  saved under workdir/drafter (`drafters.load`).
+  """
+  sampler = check_config(cfg, verifier_config, sequences.shape[1])
+  settings = _step_settings(cfg, sampler)
+  model_config, trainable, shared = drafters.from_verifier(verifier_config, verifier_params,
+                                                           cfg.drafter_layers)
+  optimizer = make_optimizer(cfg)
+  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state; the verifier keeps its
+  state = TrainState(step=jnp.zeros((), jnp.int32), data_position=jnp.zeros((), jnp.int32),
+                     params=trainable, opt_state=optimizer.init(trainable))
+  os.makedirs(workdir, exist_ok=True)
+  manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
+                                  options=ocp.CheckpointManagerOptions(max_to_keep=2))
+  if manager.latest_step() is not None:
+    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
+    logging.info("resumed from %s at step %d", workdir, int(state.step))
+
+  num_used = min(len(sequences), cfg.steps * cfg.batch_size)
+  teacher = _Teacher(cfg, verifier_config, verifier_params, sequences[:num_used], verifier_name)
+  train_step = make_train_step(model_config, settings, optimizer)
+  last_step = min(cfg.steps, stop_after or cfg.steps)
+  progress = _Progress(workdir, int(state.step), cfg.steps, cfg.batch_size * sequences.shape[1])
+  history = []
+  for step in range(int(state.step), last_step):
+    step_budgets = (sampler.sample(np.random.default_rng([cfg.seed, step])) if sampler
+                    else np.zeros((0,), np.int32))
+    indices = (int(state.data_position) + np.arange(cfg.batch_size)) % num_used
+    teacher_ids, teacher_probs = teacher(indices)
+    state, metrics = train_step(state, shared, jnp.asarray(sequences[indices]), teacher_ids,
+                                teacher_probs, jnp.asarray(step_budgets))
+    metrics = jax.device_get(metrics)
+    is_last = step + 1 == last_step
+    progress.record(step, metrics, step_budgets, log=(step + 1) % cfg.log_every == 0 or is_last)
+    history.append({"step": step, **metrics})
+    if (step + 1) % cfg.checkpoint_every == 0 or is_last:
+      manager.save(step + 1, args=ocp.args.StandardSave(state))
+  manager.wait_until_finished()
+  progress.close()
+  if history and int(state.step) == cfg.steps:
+    drafters.save(os.path.join(workdir, "drafter"), state.params, cfg.drafter_layers,
+                     verifier_name)
+  return history

@@ -1,0 +1,78 @@
+"""The drafter's training branches over one packed sequence: a full-cache branch and sparse views.
+
+A sequence [B, P + C] is split at the compression point P. The prompt pass runs the drafter over
+the first P tokens with full causal attention (as the inference prefill does) and keeps every
+key. The inference selection policy then scores those keys with the drafter's own attention (the
+same `policy_scores` code as decoding, on gradient-stopped inputs: selection is discrete), and each
+budget keeps, per layer and KV head, the prompt keys `keep_mask_from_scores` ranks below it. The
+C continuation tokens then run once per branch against the shared prompt keys: the full branch sees
+every key, a view at budget B sees its kept keys + the last `ring_size` tokens since P, which is
+what a `SparseKVCache` compressed at P would show (`MaskedKVCache`). Gradients reach the prompt
+pass through the kept keys and values.
+"""
+
+import jax
+import jax.numpy as jnp
+
+from budgetdraft.kv_cache import FullKVCache, MaskedKVCache
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.transformer import Transformer
+from budgetdraft.sparsity import policies
+from budgetdraft.sparsity.selection import SparsityConfig
+from budgetdraft.training.budgets import keep_mask_from_scores
+
+
+def _positions(batch: int, start: int, count: int):
+  return jnp.broadcast_to(start + jnp.arange(count), (batch, count))
+
+
+def prompt_pass(config: ModelConfig, params, prompt, capacity: int) -> FullKVCache:
+  """Keys and values of the prompt [B, P] (full causal attention, differentiable)."""
+  batch, prompt_len = prompt.shape
+  cache = FullKVCache.init(config, batch, capacity)
+  keep_all = jnp.ones(cache.k.shape[:4], bool)
+  view = MaskedKVCache(cache, keep_all, jnp.zeros((batch,), jnp.int32))
+  _, view = Transformer(config).apply({"params": params}, prompt,
+                                      _positions(batch, 0, prompt_len), view)
+  return view.cache
+
+
+def keep_masks(config: ModelConfig, params, cache: FullKVCache, prompt, budgets,
+               sparsity: SparsityConfig, rng):
+  """[M, L, B, Hkv, capacity] bool: the prompt keys each budget in `budgets` [M] keeps."""
+  prompt_lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+  frozen = jax.lax.stop_gradient
+  scores = policies.policy_scores(config, frozen(params), frozen(cache), prompt, prompt_lengths,
+                                  sparsity, rng)
+  return jax.vmap(lambda budget: keep_mask_from_scores(scores, prompt_lengths, budget, sparsity))(
+      budgets)
+
+
+def branch_logits(config: ModelConfig, params, cache: FullKVCache, continuation, keeps,
+                  ring_size: int):
+  """Logits [N, B, C, V] of the continuation [B, C] under each keep mask in keeps [N, L, B, Hkv, S].
+
+  The cache holds the prompt (its length is the compression point P).
+  """
+  model = Transformer(config)
+  batch, num_new = continuation.shape
+  positions = _positions(batch, cache.length[0], num_new)
+
+  def one_branch(keep):
+    view = MaskedKVCache(cache, keep, cache.length, ring_size)
+    hidden, _ = model.apply({"params": params}, continuation, positions, view)
+    return model.apply({"params": params}, hidden, method=Transformer.logits)
+
+  return jax.lax.map(one_branch, keeps)
+
+
+def all_branch_logits(config: ModelConfig, params, tokens, prompt_len: int, budgets,
+                      sparsity: SparsityConfig, ring_size: int, rng):
+  """Logits [1 + M, B, C, V] of the continuation tokens[:, P:]: the full branch, then M views."""
+  prompt, continuation = tokens[:, :prompt_len], tokens[:, prompt_len:]
+  cache = prompt_pass(config, params, prompt, tokens.shape[1])
+  keep_all = jnp.ones((1,) + cache.k.shape[:4], bool)
+  if budgets.shape[0]:
+    keeps = keep_masks(config, params, cache, prompt, budgets, sparsity, rng)
+    keep_all = jnp.concatenate([keep_all, keeps], axis=0)
+  return branch_logits(config, params, cache, continuation, keep_all, ring_size)
