@@ -33,8 +33,9 @@ run: data
 
 # AR prefill / decode speed against the memory-bandwidth floor, and the verification-rule table.
 bench: data
-	$(BIN)/python experiments/bench_decode.py --data_dir=$(DATA_DIR)
-	$(BIN)/python experiments/verification_table.py
+	$(BIN)/python experiments/bench_decode.py --config=configs/bench_decode.py:smollm2 \
+	  --config.data_dir=$(DATA_DIR)
+	$(BIN)/python experiments/verification_table.py --config=configs/verification_table.py:default
 
 # BudgetDraft (issue 5): train the naive, single-budget and multi-view drafters for SmolLM2 (they
 # share one teacher cache; each resumes from its checkpoints), then compare them across budgets.
@@ -43,7 +44,8 @@ drafters: data
 	for variant in $(DRAFTER_VARIANTS); do \
 	  $(BIN)/python experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:$$variant \
 	    --config.data_dir=$(DATA_DIR) || exit 1; done
-	$(BIN)/python experiments/acceptance_vs_budget.py --config.data_dir=$(DATA_DIR)
+	$(BIN)/python experiments/acceptance_vs_budget.py \
+	  --config=configs/acceptance_vs_budget.py:smollm2 --config.data_dir=$(DATA_DIR)
 	$(BIN)/python experiments/speedup.py --config=configs/speedup.py:trained --config.data_dir=$(DATA_DIR)
 
 test: data

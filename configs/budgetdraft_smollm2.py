@@ -8,6 +8,7 @@ Variants (one trainer; they differ only in the sparse branch):
   gpu        the multi-view recipe at accelerator scale (4K prompts, 5 budgets, 2000 steps;
              not run yet: no accelerator was lent to this project).
 The CPU variants fit a 2-core machine in about 15 minutes each and share one teacher cache.
+The entry point converts this dict into a `training.config.TrainConfig` (typed, validated).
 """
 
 import ml_collections
@@ -39,10 +40,9 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
   config.grad_clip = 1.0
   config.kl_weight = 0.5          # forward-KL share of the divergence (gradient early on)
 
-  config.policy = "snapkv"        # the inference selection policy that builds the views
-  config.sinks = 4
-  config.window = 64
-  config.recent = 128
+  # SparsityConfig fields of the inference selection that builds the views (budgets below).
+  config.sparsity = ml_collections.ConfigDict(
+      {"policy": "snapkv", "sinks": 4, "window": 64, "recent": 128})
   config.gamma = 4                # views see the last recent + gamma tokens, like the ring
   config.budgets = (128, 256, 512)
   config.num_views = 2

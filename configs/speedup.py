@@ -4,8 +4,8 @@ Variants:
   default  what `make run` runs: 4K context, a few rows, ~5 min on a 2-core CPU;
   full     4K and 8K, every policy at budgets 256-2048, every verification rule (hours on CPU).
   trained  the drafters trained by experiments/train_drafter.py (run those first) at 4K.
-A row's drafter is a `drafters.from_spec` string: `layers:<k>`, `self`, `trained:<workdir>` or
-`checkpoint:<path>`.
+A row's drafter is a `drafters.load` source: `layers:<k>`, `self`, `trained:<workdir>` or
+`checkpoint:<path>`; policy None = the drafter keeps a full cache.
 """
 
 import ml_collections
@@ -24,14 +24,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   config.data_dir = "data"
   config.split = "validation"
   config.num_prompts = 1
-  config.new_tokens = 64
+  config.max_new_tokens = 64
   config.gamma = 4
   config.temperature = 0.0
-  config.seed = 0
   config.prefill_chunk = 512
-  config.sinks = 4
-  config.window = 64
-  config.recent = 128
+  # SparsityConfig fields shared by every row (a row sets the policy and the budget).
+  config.sparsity = ml_collections.ConfigDict({"sinks": 4, "window": 64, "recent": 128})
   if variant == "default":
     config.contexts = (4096,)
     config.rows = [

@@ -1,13 +1,15 @@
 """Block-sparse flash attention over a position-ordered KV sequence, with a custom VJP.
 
 Query block i (of `block_q` queries) visits only the KV blocks listed in block_table[..., i, :count];
-inside a visited block, key j is visible iff key_keep[j] and j <= the query's position. This one
-kernel serves:
-  - sparse views in BudgetDraft training (keys = the sequence itself; the table lists the blocks
-    holding the kept prompt keys and the blocks since the compression point);
+inside a visited block, key j is visible iff key_keep[j] and j <= the query's position. What it
+serves today:
+  - causal attention over the full cache (`ModelConfig.attention_impl="pallas"`: prefill and
+    decode; the table lists every block up to the chunk's end);
   - decode over a kept set read straight from a full cache (no compact copy: the table lists the
-    kept blocks, key_keep the kept tokens);
-  - plain causal chunked attention (the table lists every block up to the diagonal).
+    kept blocks, key_keep the kept tokens), measured by experiments/bench_kernels.py.
+BudgetDraft's training views (`MaskedKVCache`) do not use it: a view also sees the last
+`ring_size` tokens before each query, a per-query window that a per-key keep mask cannot express;
+they run dense masked jnp attention.
 The table row is a kernel input and the listed blocks are loaded with dynamic slices of the KV ref
 (the in-kernel gather style that Triton, Mosaic and the interpreter all lower). The backward pass
 recomputes probabilities from the saved log-sum-exp and walks the same (query block, KV block)

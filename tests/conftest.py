@@ -5,7 +5,6 @@ import os
 import jax
 import pytest
 
-from budgetdraft import tokenizer as tokenizer_lib
 from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import get_config
 from budgetdraft.models.transformer import init_params
@@ -30,6 +29,5 @@ def tiny_model():
 @pytest.fixture(scope="session")
 def smollm2():
   """(config, params, tokenizer) of the default verifier, loaded once per test session."""
-  path = checkpoint_io.default_verifier_path()
-  config, params = checkpoint_io.load_gguf(path)
-  return config, params, tokenizer_lib.from_gguf(path)
+  verifier = checkpoint_io.load()
+  return verifier.config, verifier.params, verifier.tokenizer

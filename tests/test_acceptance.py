@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from budgetdraft import acceptance
 from budgetdraft.decoding import autoregressive, speculative
+from budgetdraft.evaluation import acceptance
 from tests.test_speculative import TINY_SPARSITY, tiny_pair  # noqa: F401 (fixture)
 
 GAMMA, NEW_TOKENS, CHUNK = 3, 10, 32
@@ -16,8 +16,9 @@ def test_greedy_rounds_on_hand_made_matches():
   # Round 1 from token 0: drafts match tokens 1, 2, then miss -> 2 accepted, 3 emitted (0..3).
   # Round 2 from token 3: all three match -> 3 accepted, emitted 0..7 (8 tokens) >= 7.
   matches = np.array([1, 1, 0, 1, 1, 1, 0, 0, 0], bool)
-  assert acceptance.greedy_rounds(matches, gamma=3, num_tokens=7) == (2, 5)
-  assert acceptance.greedy_rounds(np.zeros(9, bool), gamma=3, num_tokens=7) == (6, 0)
+  assert acceptance.greedy_rounds(matches, gamma=3, num_tokens=7) == speculative.RoundStats(2, 5, 3)
+  assert acceptance.greedy_rounds(np.zeros(9, bool), gamma=3,
+                                  num_tokens=7) == speculative.RoundStats(6, 0, 3)
 
 
 @pytest.mark.parametrize("sparsity", [None, TINY_SPARSITY])
@@ -25,25 +26,22 @@ def test_teacher_forced_replay_equals_the_engine(tiny_pair, sparsity):
   config, params, drafter = tiny_pair
   prompt = list(range(3, 90))
   greedy = autoregressive.generate(params, [prompt], jax.random.key(0), config=config,
-                                   max_new_tokens=NEW_TOKENS + GAMMA, chunk_size=CHUNK)[0]
+                                   max_new_tokens=NEW_TOKENS + GAMMA, prefill_chunk=CHUNK)[0]
   prompt_array, fed = jnp.array([prompt]), jnp.array([greedy[:-1]])
-  capacity = len(prompt) + len(greedy) + 8
 
   def logits(model_params, sparsity):
-    cache = acceptance.prefill_prompt(model_params, prompt_array, config=config,
-                                      capacity=capacity, chunk_size=CHUNK)
-    return acceptance.continuation_logits(model_params, cache, prompt_array, fed,
-                                          jax.random.key(0), config=config, sparsity=sparsity,
-                                          gamma=GAMMA)[0]
+    return acceptance.teacher_forced_logits(config, model_params, prompt_array, fed, [sparsity],
+                                            gamma=GAMMA, prefill_chunk=CHUNK,
+                                            rng=jax.random.key(0))[0]
 
   verifier_logits = logits(params, None)
   np.testing.assert_array_equal(np.argmax(verifier_logits, -1), greedy[1:])
-  stats = acceptance.path_statistics(verifier_logits, logits(drafter, sparsity),
-                                     np.array(greedy), GAMMA, NEW_TOKENS)
+  overlap, stats = acceptance.path_statistics(verifier_logits, logits(drafter, sparsity),
+                                              np.array(greedy), GAMMA, NEW_TOKENS)
   spec = speculative.SpeculativeConfig(gamma=GAMMA, rule="greedy", max_new_tokens=NEW_TOKENS,
                                        prefill_chunk=CHUNK, sparsity=sparsity)
   _, engine = speculative.generate(params, drafter, [prompt], jax.random.key(1),
                                    verifier_config=config, drafter_config=config, spec=spec)
-  assert (stats["rounds"], stats["accepted"]) == (engine["rounds"], engine["accepted"])
-  assert 0 < stats["accepted"] < stats["rounds"] * GAMMA
-  assert 0 < stats["overlap"] < 1
+  assert (stats.rounds, stats.accepted) == (engine.rounds, engine.accepted)
+  assert 0 < stats.accepted < stats.rounds * GAMMA
+  assert 0 < overlap < 1

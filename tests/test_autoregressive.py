@@ -25,7 +25,7 @@ def test_greedy_matches_naive_loop_on_ragged_batch(tiny_model):
   config, params = tiny_model
   prompts = [list(range(5, 30)), [7, 8, 9], list(range(100, 140))]
   out = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
-                                max_new_tokens=12, chunk_size=16)
+                                max_new_tokens=12, prefill_chunk=16)
   for prompt, generated in zip(prompts, out):
     assert generated == naive_greedy(config, params, prompt, 12)
 
@@ -34,10 +34,10 @@ def test_eos_stops_each_row_independently(tiny_model):
   config, params = tiny_model
   prompts = [list(range(5, 30)), [7, 8, 9]]
   free = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
-                                 max_new_tokens=8, chunk_size=16)
+                                 max_new_tokens=8, prefill_chunk=16)
   eos = free[0][2]  # the third token of row 0 becomes EOS
   out = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
-                                max_new_tokens=8, eos_id=eos, chunk_size=16)
+                                max_new_tokens=8, eos_id=eos, prefill_chunk=16)
   assert out[0] == free[0][:3]
   stop = free[1].index(eos) + 1 if eos in free[1] else 8
   assert out[1] == free[1][:stop]
@@ -48,7 +48,7 @@ def test_sampling_is_reproducible_and_seed_dependent(tiny_model):
   sampling = SamplingConfig(temperature=1.0, top_p=0.95)
   run = lambda seed: autoregressive.generate(params, [[1, 2, 3]] * 4, jax.random.key(seed),
                                              config=config, max_new_tokens=10, sampling=sampling,
-                                             chunk_size=8)
+                                             prefill_chunk=8)
   assert run(0) == run(0)
   assert run(0) != run(1)
 
@@ -60,7 +60,7 @@ def test_first_sampled_token_follows_the_model_distribution(tiny_model):
   sampling = SamplingConfig(temperature=1.5)
   prompt = [3, 1, 4, 1, 5]
   out = autoregressive.generate(params, [prompt] * 4000, jax.random.key(7), config=config,
-                                max_new_tokens=1, sampling=sampling, chunk_size=8)
+                                max_new_tokens=1, sampling=sampling, prefill_chunk=8)
   probs = np.asarray(probabilities(full_logits(config, params, jnp.asarray([prompt]))[0, -1],
                                    sampling), np.float64)
   counts = np.bincount([row[0] for row in out], minlength=config.vocab_size)

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import get_config
 from budgetdraft.models.transformer import Transformer, init_params

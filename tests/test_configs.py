@@ -2,25 +2,28 @@
 
 import pytest
 
-from configs import acceptance_vs_budget, speedup
+from configs import (acceptance_vs_budget, bench_decode, bench_kernels, budgetdraft_smollm2,
+                     speedup, verification_table)
 
-SPEEDUP_FIELDS = {"contexts", "rows", "new_tokens", "gamma", "num_prompts", "prefill_chunk"}
+SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", "prefill_chunk",
+                  "sparsity"}
 
 
 @pytest.mark.parametrize("variant", ["default", "full", "trained"])
 def test_speedup_variants(variant):
   cfg = speedup.get_config(variant)
   assert SPEEDUP_FIELDS <= set(cfg.keys())
-  assert all(context > cfg.new_tokens for context in cfg.contexts) and cfg.rows
+  assert all(context > cfg.max_new_tokens for context in cfg.contexts) and cfg.rows
 
 
 def test_acceptance_vs_budget_config():
   cfg = acceptance_vs_budget.get_config()
   assert sorted(cfg.budgets) == list(cfg.budgets) and len(cfg.drafters) >= 2
-  assert cfg.new_tokens <= cfg.recent  # the greedy path must fit the drafter's ring
+  assert cfg.max_new_tokens <= cfg.sparsity.recent  # the greedy path must fit the drafter's ring
 
 
-@pytest.mark.parametrize("module", [speedup, acceptance_vs_budget])
+@pytest.mark.parametrize("module", [speedup, acceptance_vs_budget, bench_decode, bench_kernels,
+                                    budgetdraft_smollm2, verification_table])
 def test_unknown_variants_fail_clearly(module):
   with pytest.raises(ValueError, match="unknown"):
     module.get_config("nope")

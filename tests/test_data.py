@@ -9,29 +9,29 @@ import pytest
 from budgetdraft.data import long_books, packing, readers
 
 
-def test_windows_never_cross_documents():
+def test_sequences_never_cross_documents():
   rng = np.random.default_rng(0)
   # Document i holds tokens from its own range [1000 i, 1000 i + 999], so any mix would show.
   docs = [rng.integers(1000 * i, 1000 * i + 1000, size=rng.integers(10, 300)).tolist()
           for i in range(20)]
-  windows, doc_index, starts = packing.pack_windows(docs, window=64)
-  assert windows.shape == (sum(len(d) // 64 for d in docs), 64)
-  for window, i, start in zip(windows, doc_index, starts):
-    np.testing.assert_array_equal(window, docs[i][start:start + 64])
-    assert np.all(window // 1000 == i)
-  limited, _, _ = packing.pack_windows(docs, window=64, max_windows=3)
-  np.testing.assert_array_equal(limited, windows[:3])
+  sequences, doc_index, starts = packing.pack_sequences(docs, length=64)
+  assert sequences.shape == (sum(len(d) // 64 for d in docs), 64)
+  for sequence, i, start in zip(sequences, doc_index, starts):
+    np.testing.assert_array_equal(sequence, docs[i][start:start + 64])
+    assert np.all(sequence // 1000 == i)
+  limited, _, _ = packing.pack_sequences(docs, length=64, max_sequences=3)
+  np.testing.assert_array_equal(limited, sequences[:3])
 
 
-def test_first_windows_raises_when_documents_are_too_short():
+def test_first_sequences_raises_when_documents_are_too_short():
   class CharTokenizer:
     encode = staticmethod(lambda text: [ord(c) for c in text])
 
   docs = [readers.Document("a", "x" * 50), readers.Document("b", "y" * 130)]
-  windows = packing.first_windows(docs, CharTokenizer(), window=40, count=3)
-  assert [chr(w[0]) for w in windows] == ["x", "y", "y"]
-  with pytest.raises(ValueError, match="only 4 windows of 40 tokens, 5 needed"):
-    packing.first_windows(docs, CharTokenizer(), window=40, count=5)
+  sequences = packing.first_sequences(docs, CharTokenizer(), length=40, count=3)
+  assert [chr(w[0]) for w in sequences] == ["x", "y", "y"]
+  with pytest.raises(ValueError, match="only 4 sequences of 40 tokens, 5 needed"):
+    packing.first_sequences(docs, CharTokenizer(), length=40, count=5)
 
 
 def test_long_books_builder_splits_by_document(tmp_path):

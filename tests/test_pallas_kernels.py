@@ -108,8 +108,8 @@ def test_block_sparse_attention_gradients_match_reference(case):
 def test_model_on_kernels_matches_jnp_path():
   """Tiny model: prefill + decode on the full cache, then decoding over a sparse cache."""
   import dataclasses
-  from budgetdraft.decoding.prefill import prefill
-  from budgetdraft.kv_cache import FullKVCache
+  from budgetdraft.models.prefill import prefill
+  from budgetdraft.models.kv_cache import FullKVCache
   from budgetdraft.models.config import get_config
   from budgetdraft.models.transformer import Transformer, init_params
   from budgetdraft.sparsity import selection
@@ -128,7 +128,7 @@ def test_model_on_kernels_matches_jnp_path():
     hidden, _ = step(params, jnp.array([[7], [9]]), cache)
     kept = selection.select_kept(jnp.zeros(cache.k.shape[:3] + (cache.capacity,)), lengths,
                                  sparsity)
-    sparse = selection.compress(cache, kept, lengths, sparsity, gamma=2)
+    sparse = selection.compress(config, cache, kept, lengths, sparsity.ring_size(2))
     sparse_hidden, _ = step(params, jnp.array([[3], [4]]), sparse)
     return logits, hidden, sparse_hidden
 

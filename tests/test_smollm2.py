@@ -4,12 +4,12 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from budgetdraft import metrics
+from budgetdraft.evaluation import perplexity
 from budgetdraft.data import readers
 from budgetdraft.decoding import autoregressive
 
 # Perplexity of the first 2048 next-token predictions of held-out documents, measured with
-# `metrics.perplexity` on 2026-11-22 (CPU, float32). With the wrong RoPE/Q-K convention it is > 100.
+# `perplexity.perplexity` on 2026-11-22 (CPU, float32). With the wrong RoPE/Q-K convention it is > 100.
 RECORDED_PERPLEXITY = {"kjv/40_mark": 13.34, "austen/northangerabbey": 36.24,
                        "shakespeare/henry_v": 36.85}
 
@@ -21,7 +21,7 @@ def test_perplexity_on_held_out_passage(smollm2, data_dir):
   doc_id = next(i for i in RECORDED_PERPLEXITY if i in validation)
   tokens = tokenizer.encode(validation[doc_id].text)[:2049]
   assert len(tokens) == 2049
-  ppl = metrics.perplexity(params, jnp.asarray([tokens]), config=config)
+  ppl = perplexity.perplexity(params, jnp.asarray([tokens]), config=config)
   assert ppl == pytest.approx(RECORDED_PERPLEXITY[doc_id], rel=0.02)
   assert ppl < 60
 
@@ -32,7 +32,7 @@ def test_greedy_chat_answer_is_sensible(smollm2):
   prompt = tokenizer.encode(tokenizer.chat_prompt("What is the capital of France?"))
   (answer,) = autoregressive.generate(params, [prompt], jax.random.key(0), config=config,
                                       max_new_tokens=16, eos_id=tokenizer.eos_id,
-                                      pad_id=tokenizer.eos_id, chunk_size=64)
+                                      pad_id=tokenizer.eos_id, prefill_chunk=64)
   text = tokenizer.decode(answer)
   assert "Paris" in text
   assert answer[-1] == tokenizer.eos_id, text

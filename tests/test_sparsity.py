@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from budgetdraft.decoding.prefill import prefill
-from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.prefill import prefill
+from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.config import get_config
 from budgetdraft.models.transformer import Transformer, init_params
 from budgetdraft.sparsity import policies, selection
@@ -23,7 +23,7 @@ def _prefilled(config, params, prompt, lengths, capacity=256):
   return run(params, prompt, lengths, cache)[1]
 
 
-@pytest.mark.parametrize("policy", selection.POLICIES)
+@pytest.mark.parametrize("policy", sorted(policies.POLICIES))
 def test_each_policy_keeps_budget_sinks_and_window(tiny_model, policy):
   config, params = tiny_model
   sparsity = dataclasses.replace(SPARSITY, policy=policy)
@@ -97,7 +97,7 @@ def test_compressed_cache_holds_the_kept_keys(tiny_model):
   cache = _prefilled(config, params, prompt, lengths)
   scores = jax.random.uniform(jax.random.key(3), cache.k.shape[:3] + (cache.capacity,))
   kept = selection.select_kept(scores, lengths, SPARSITY)
-  sparse = selection.compress(cache, kept, lengths, SPARSITY, gamma=3)
+  sparse = selection.compress(config, cache, kept, lengths, SPARSITY.ring_size(3))
   assert sparse.capacity == SPARSITY.budget + SPARSITY.recent + 3
   np.testing.assert_array_equal(sparse.positions[..., :SPARSITY.budget], kept)
   assert np.all(np.asarray(sparse.positions[..., SPARSITY.budget:]) == -1)
@@ -114,7 +114,7 @@ def test_sparse_attention_equals_full_attention_over_the_kept_set(tiny_model):
   cache = _prefilled(config, params, prompt, lengths)
   budget = dataclasses.replace(SPARSITY, budget=200)  # keeps everything: must equal full
   kept = selection.select_kept(jnp.zeros(cache.k.shape[:3] + (cache.capacity,)), lengths, budget)
-  sparse = selection.compress(cache, kept, lengths, budget, gamma=2)
+  sparse = selection.compress(config, cache, kept, lengths, budget.ring_size(2))
   tokens = jnp.array([[5, 9, 3]])
   positions = 100 + jnp.arange(3)[None]
   full_hidden, _ = model.apply({"params": params}, tokens, positions, cache)

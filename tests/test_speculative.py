@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 from scipy import stats
 
-from budgetdraft.data import packing, readers
+from budgetdraft.data import packing
 from budgetdraft.decoding import autoregressive, speculative
-from budgetdraft.decoding.prefill import prefill
+from budgetdraft.models.prefill import prefill
 from budgetdraft.decoding.sampling import SamplingConfig, probabilities
-from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.config import get_config
 from budgetdraft.models.transformer import Transformer, init_params
-from budgetdraft.sparsity import selection
+from budgetdraft.sparsity import policies, selection
 from tests.test_transformer import full_logits
 
 RULE_PATHS = [("tokenwise", 1), ("block", 1), ("greedy", 1), ("specinfer", 2), ("gbv", 3)]
@@ -52,12 +52,12 @@ def test_greedy_speculative_equals_greedy_ar(tiny_pair, rule, num_paths, sparsit
   config, params, _ = tiny_pair
   prompts = [list(range(3, 90)), list(range(40, 75))]
   expected = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
-                                     max_new_tokens=24, chunk_size=32)
+                                     max_new_tokens=24, prefill_chunk=32)
   spec = speculative.SpeculativeConfig(gamma=3, num_paths=num_paths, rule=rule,
                                        max_new_tokens=24, prefill_chunk=32, sparsity=sparsity)
   out, stats = _generate(tiny_pair, prompts, spec)
   assert out == expected
-  assert 0 < stats["acceptance_rate"] < 1  # both accepted and rejected drafts were exercised
+  assert 0 < stats.acceptance_rate < 1  # both accepted and rejected drafts were exercised
 
 
 @pytest.mark.parametrize("rule,num_paths", [r for r in RULE_PATHS if r[0] != "greedy"])
@@ -164,9 +164,8 @@ def test_bad_requests_fail_clearly(tiny_pair):
 @pytest.fixture(scope="module")
 def long_prompt(smollm2, data_dir):
   _, _, tokenizer = smollm2
-  windows, _, _ = packing.document_windows(
-      readers.documents("long_books", data_dir, "validation"), tokenizer, 2048, max_windows=1)
-  return windows[0].tolist()
+  sequences = packing.dataset_sequences("long_books", data_dir, "validation", tokenizer, 2048, 1)
+  return sequences[0].tolist()
 
 
 @pytest.fixture(scope="module")
@@ -177,7 +176,7 @@ def smollm2_greedy_reference(smollm2, long_prompt):
 
 
 SMOLLM2_CASES = ([(rule, paths, "snapkv") for rule, paths in RULE_PATHS] +
-                 [("block", 1, policy) for policy in selection.POLICIES if policy != "snapkv"] +
+                 [("block", 1, policy) for policy in sorted(policies.POLICIES) if policy != "snapkv"] +
                  [("block", 1, None)])
 
 
@@ -203,4 +202,4 @@ def test_smollm2_greedy_speculative_equals_ar_at_2k(smollm2, long_prompt, smollm
                                     spec=spec)
   assert out == smollm2_greedy_reference
   if policy is not None:
-    assert stats["acceptance_rate"] > 0.2
+    assert stats.acceptance_rate > 0.2

@@ -6,7 +6,9 @@ import numpy as np
 import pytest
 
 from budgetdraft.sparsity import selection
+from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft.training import budgets, losses
+from budgetdraft.training.config import TrainConfig
 
 
 def _logits(probs):
@@ -58,14 +60,15 @@ def test_budgetdraft_loss_combines_branches_and_has_finite_gradients():
 
 
 def test_bad_budget_configs_fail_clearly():
+  config = lambda **fields: TrainConfig(workdir="unused", **fields)
   with pytest.raises(ValueError, match="budget list is empty"):
-    budgets.BudgetSampler(budgets=(), num_views=2)
+    config(budgets=(), num_views=2)
   with pytest.raises(ValueError, match="below sinks \\+ window"):
-    budgets.BudgetSampler(budgets=(32, 256), num_views=2, sinks=4, window=64)
+    config(budgets=(32, 256), num_views=2, sparsity=SparsityConfig(budget=None, sinks=4,
+                                                                   window=64))
   with pytest.raises(ValueError, match="lambda"):
-    budgets.BudgetSampler(budgets=(256,), num_views=1, sparse_weight=-1.0)
-  sampler = budgets.BudgetSampler(budgets=(128, 256, 512), num_views=4)
-  drawn = sampler.sample(np.random.default_rng(0))
+    config(budgets=(256,), num_views=1, sparse_weight=-1.0)
+  drawn = budgets.sample_budgets(config(budgets=(128, 256, 512), num_views=4), step=0)
   assert drawn.shape == (4,) and set(drawn.tolist()) <= {128, 256, 512}
 
 
@@ -76,7 +79,7 @@ def test_keep_mask_equals_the_inference_kept_set(budget):
   scores = jax.random.uniform(jax.random.key(budget), (2, 2, 3, 256))
   lengths = jnp.array([256, 180])
   kept = np.asarray(selection.select_kept(scores, lengths, config))
-  mask = np.asarray(jax.jit(budgets.keep_mask_from_scores, static_argnums=3)(
+  mask = np.asarray(jax.jit(selection.keep_mask, static_argnums=3)(
       scores, lengths, jnp.int32(budget), config))
   for index in np.ndindex(*kept.shape[:3]):
     assert set(np.flatnonzero(mask[index]).tolist()) == set(kept[index][kept[index] >= 0].tolist())

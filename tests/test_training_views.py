@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from budgetdraft.decoding.prefill import prefill
-from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.prefill import prefill
+from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.transformer import Transformer
 from budgetdraft.sparsity import policies, selection
 from budgetdraft.training import views
@@ -20,11 +20,9 @@ def _sparse_decode_logits(config, params, tokens, sparsity):
   batch = tokens.shape[0]
   lengths = jnp.full((batch,), PROMPT_LEN, jnp.int32)
   _, cache = prefill(model, params, tokens[:, :PROMPT_LEN], lengths,
-                     FullKVCache.init(config, batch, tokens.shape[1] + sparsity.lookahead), 16)
-  scores = policies.policy_scores(config, params, cache, tokens[:, :PROMPT_LEN], lengths, sparsity,
-                                  jax.random.key(0))
-  kept = selection.select_kept(scores, lengths, sparsity)
-  cache = selection.compress(cache.truncate(lengths), kept, lengths, sparsity, GAMMA)
+                     FullKVCache.init(config, batch, tokens.shape[1]), 16)
+  cache = selection.sparse_cache(config, params, cache, tokens[:, :PROMPT_LEN], lengths, sparsity,
+                                 GAMMA, jax.random.key(0))
 
   @jax.jit
   def step(cache, token, position):
@@ -56,7 +54,7 @@ def test_views_equal_inference_sparse_cache(tiny_model, policy):
   sparsity = [selection.SparsityConfig(policy=policy, budget=b, sinks=2, window=4, recent=6)
               for b in budget_list]
   logits = views.all_branch_logits(config, params, tokens, PROMPT_LEN, jnp.array(budget_list),
-                                   sparsity[0], sparsity[0].recent + GAMMA, jax.random.key(0))
+                                   sparsity[0], sparsity[0].ring_size(GAMMA), jax.random.key(0))
   assert logits.shape == (3, 2, NUM_NEW, config.vocab_size)
   np.testing.assert_allclose(logits[0], _full_decode_logits(config, params, tokens), atol=2e-4)
   for view, config_b in zip(logits[1:], sparsity):

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from budgetdraft.decoding.prefill import prefill
-from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models.prefill import prefill
+from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.config import get_config
 from budgetdraft.models.transformer import Transformer, init_params
 
@@ -107,8 +107,8 @@ def test_prefill_then_decode_matches_full_sequence(dtype):
   np.testing.assert_array_equal(cache.length, [45, 45])
 
 
-@pytest.mark.parametrize("chunk_size", [1, 7, 16, 64])
-def test_chunked_prefill_matches_unchunked_on_ragged_batch(tiny_model, chunk_size):
+@pytest.mark.parametrize("prefill_chunk", [1, 7, 16, 64])
+def test_chunked_prefill_matches_unchunked_on_ragged_batch(tiny_model, prefill_chunk):
   config, params = tiny_model
   config = dataclasses.replace(config, attention_block=16)
   lengths = jnp.array([50, 23, 1])
@@ -116,7 +116,7 @@ def test_chunked_prefill_matches_unchunked_on_ragged_batch(tiny_model, chunk_siz
   model = Transformer(config)
   run_prefill = jax.jit(functools.partial(prefill, model), static_argnums=(4,))
   logits, cache = run_prefill(params, prompt, lengths, FullKVCache.init(config, 3, 128),
-                              chunk_size)
+                              prefill_chunk)
   np.testing.assert_array_equal(cache.length, lengths)
   for row, length in enumerate(lengths.tolist()):
     alone = full_logits(config, params, prompt[row:row + 1, :length])

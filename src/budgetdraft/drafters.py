@@ -1,4 +1,4 @@
-"""Where a drafter comes from, named by one spec string (`from_spec`) everywhere:
+"""Where a drafter comes from, named by one source string everywhere (`load`):
 
   self              the verifier itself (isolates the effect of the sparse cache on acceptance);
   layers:<k>        the verifier's first k layers + final norm + its embedding and head;
@@ -35,7 +35,7 @@ def save(directory: str, trainable: dict, num_layers: int, verifier: str) -> Non
     json.dump({"num_layers": num_layers, "verifier": verifier}, f, indent=1)
 
 
-def load(directory: str, verifier_config: ModelConfig, verifier_params: dict):
+def _load_trained(directory: str, verifier_config: ModelConfig, verifier_params: dict):
   """(config, params) of a saved drafter, re-attached to its verifier's embedding and head."""
   meta_path = os.path.join(directory, "drafter.json")
   if not os.path.exists(meta_path):
@@ -48,16 +48,16 @@ def load(directory: str, verifier_config: ModelConfig, verifier_params: dict):
   return config, {**shared, **trainable}
 
 
-def from_spec(spec: str, verifier_config: ModelConfig, verifier_params: dict):
-  """(config, params) of the drafter named by `spec` (see the module docstring)."""
-  kind, _, value = spec.partition(":")
-  if spec == "self":
+def load(source: str, verifier_config: ModelConfig, verifier_params: dict):
+  """(config, params) of the drafter named by `source` (see the module docstring)."""
+  kind, _, value = source.partition(":")
+  if source == "self":
     return verifier_config, verifier_params
   if kind == "layers" and value.isdigit():
     return checkpoint_io.take_layers(verifier_config, verifier_params, int(value))
   if kind == "trained" and value:
-    return load(os.path.join(value, "drafter"), verifier_config, verifier_params)
+    return _load_trained(os.path.join(value, "drafter"), verifier_config, verifier_params)
   if kind == "checkpoint" and value:
     return checkpoint_io.load_checkpoint(value)
-  raise ValueError(f"drafter {spec!r}: expected 'self', 'layers:<k>', 'trained:<workdir>' or "
+  raise ValueError(f"drafter {source!r}: expected 'self', 'layers:<k>', 'trained:<workdir>' or "
                    "'checkpoint:<path>'")

@@ -1,1 +1,1 @@
-"""Decoding loops: autoregressive and speculative, sharing prefill and sampling."""
+"""Decoding loops: autoregressive and speculative, sharing sampling and the model's prefill."""

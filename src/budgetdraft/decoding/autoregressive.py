@@ -8,9 +8,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from budgetdraft.decoding import sampling as sampling_lib
-from budgetdraft.decoding.prefill import check_request, prefill
-from budgetdraft.kv_cache import FullKVCache
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache
+from budgetdraft.models.prefill import check_request, pad_prompts, prefill
 from budgetdraft.models.transformer import Transformer
 
 
@@ -40,15 +40,15 @@ def _emit(state: DecodeState, logits, sampling, eos_id, pad_id) -> DecodeState:
 
 
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id",
-                                             "pad_id", "chunk_size"))
+                                             "pad_id", "prefill_chunk"))
 def start(params, prompt, prompt_lengths, rng, *, config: ModelConfig, max_new_tokens: int,
-          sampling: sampling_lib.SamplingConfig, eos_id, pad_id: int, chunk_size: int):
+          sampling: sampling_lib.SamplingConfig, eos_id, pad_id: int, prefill_chunk: int):
   """Prefills the prompt and emits the first token."""
   batch, prompt_len = prompt.shape
-  capacity = check_request(config, prompt_len, max_new_tokens, chunk_size)
+  capacity = check_request(config, prompt_len, max_new_tokens, prefill_chunk)
   model = Transformer(config)
   logits, cache = prefill(model, params, prompt, prompt_lengths,
-                          FullKVCache.init(config, batch, capacity), chunk_size)
+                          FullKVCache.init(config, batch, capacity), prefill_chunk)
   state = DecodeState(cache=cache, tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
                       num_emitted=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
                       step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((batch,), jnp.int32),
@@ -78,23 +78,12 @@ def decode(params, state: DecodeState, *, config: ModelConfig,
 
 def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_new_tokens: int,
              sampling=sampling_lib.SamplingConfig(), eos_id=None, pad_id: int = 0,
-             chunk_size: int = 512) -> list[list[int]]:
+             prefill_chunk: int = 512) -> list[list[int]]:
   """Generates up to max_new_tokens after each prompt (a batch of token lists, any lengths)."""
   prompt, lengths = pad_prompts(prompts, pad_id)
   kwargs = dict(config=config, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
   state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,
-                chunk_size=chunk_size, **kwargs)
+                prefill_chunk=prefill_chunk, **kwargs)
   state = decode(params, state, **kwargs)
   tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
   return [row[:n].tolist() for row, n in zip(tokens, counts)]
-
-
-def pad_prompts(prompts: list[list[int]], pad_id: int):
-  """Right-pads token lists into ([B, T] int32, lengths [B] int32)."""
-  if not prompts or any(len(p) == 0 for p in prompts):
-    raise ValueError("every prompt needs at least one token")
-  width = max(len(p) for p in prompts)
-  prompt = np.full((len(prompts), width), pad_id, np.int32)
-  for row, p in zip(prompt, prompts):
-    row[:len(p)] = p
-  return jnp.asarray(prompt), jnp.asarray([len(p) for p in prompts], jnp.int32)

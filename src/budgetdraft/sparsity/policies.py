@@ -1,4 +1,4 @@
-"""Score functions of the KV selection policies: prompt keys [L, B, Hkv, S] -> importance.
+"""KV selection policies: each is a score function, prompt keys [L, B, Hkv, S] -> importance.
 
 - streaming (StreamingLLM): recency; with the forced sinks this keeps sinks + the latest tokens.
 - snapkv (SnapKV): attention mass from the last `observation` prompt queries, average-pooled over
@@ -8,16 +8,20 @@
   drafter itself generates after the prompt, a proxy of the queries decoding will actually issue.
 - random: a control.
 Scores come from the drafter's own forward passes over its prefilled full cache (`key_scores`).
+Every score function has the signature of `policy_scores`; `POLICIES` is the registry.
 """
+
+from typing import TYPE_CHECKING
 
 import jax
 import jax.numpy as jnp
 
-from budgetdraft.decoding import sampling as sampling_lib
-from budgetdraft.kv_cache import FullKVCache
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.transformer import Transformer
-from budgetdraft.sparsity.selection import SparsityConfig
+
+if TYPE_CHECKING:
+  from budgetdraft.sparsity.selection import SparsityConfig
 
 
 def key_scores(config: ModelConfig, params, cache: FullKVCache, tokens, positions):
@@ -26,16 +30,15 @@ def key_scores(config: ModelConfig, params, cache: FullKVCache, tokens, position
   The tokens' own keys are (re)written at their positions first, exactly as in a forward pass.
   Returns (scores [L, B, Hkv, S], hidden [B, T, dim], cache).
   """
-  model = Transformer(config, collect_key_scores=True)
-  hidden, cache, scores = model.apply({"params": params}, tokens, positions,
-                                      cache.truncate(positions[:, 0]))
-  return scores, hidden, cache
+  (hidden, cache), sown = Transformer(config).apply(
+      {"params": params}, tokens, positions, cache.truncate(positions[:, 0]),
+      mutable="intermediates")
+  return sown["intermediates"]["layers"]["key_scores"][0], hidden, cache
 
 
-def _window_tokens(prompt, prompt_lengths, size):
-  """The last `size` tokens of each right-padded prompt row, and their positions."""
-  positions = prompt_lengths[:, None] - size + jnp.arange(size)[None, :]
-  positions = jnp.maximum(positions, 0)
+def _last_tokens(prompt, prompt_lengths, count):
+  """The last `count` tokens of each right-padded prompt row, and their positions."""
+  positions = jnp.maximum(prompt_lengths[:, None] - count + jnp.arange(count)[None, :], 0)
   return jnp.take_along_axis(prompt, positions, axis=1), positions
 
 
@@ -52,7 +55,7 @@ def random_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
 
 def snapkv_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
   del rng
-  tokens, positions = _window_tokens(prompt, prompt_lengths, sparsity.observation)
+  tokens, positions = _last_tokens(prompt, prompt_lengths, sparsity.observation)
   scores, _, _ = key_scores(config, params, cache, tokens, positions)
   pooled = jax.lax.reduce_window(scores, 0.0, jax.lax.add, (1, 1, 1, sparsity.pool),
                                  (1, 1, 1, 1), "SAME")
@@ -78,19 +81,23 @@ def h2o_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
 
 
 def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
-  """Greedy look-ahead of `lookahead` tokens with the full cache, then their attention mass."""
+  """Greedy look-ahead of `lookahead` tokens with the full cache, then their attention mass.
+
+  The look-ahead tokens are written past the prompt, so the cache is widened if it lacks the room.
+  """
   del rng
   model = Transformer(config)
-  last, last_positions = _window_tokens(prompt, prompt_lengths, 1)
+  cache = cache.reserve(prompt.shape[1] + sparsity.lookahead)
+  last, last_positions = _last_tokens(prompt, prompt_lengths, 1)
   hidden, cache = model.apply({"params": params}, last, last_positions,
                               cache.truncate(prompt_lengths - 1))
   tokens = []
   for step in range(sparsity.lookahead):
     logits = model.apply({"params": params}, hidden[:, -1], method=Transformer.logits)
-    token = jnp.argmax(sampling_lib.probabilities(logits, sampling_lib.SamplingConfig()), -1)
-    tokens.append(token.astype(jnp.int32))
+    token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    tokens.append(token)
     if step + 1 < sparsity.lookahead:
-      hidden, cache = model.apply({"params": params}, token[:, None].astype(jnp.int32),
+      hidden, cache = model.apply({"params": params}, token[:, None],
                                   (prompt_lengths + step)[:, None], cache)
   tokens = jnp.stack(tokens, axis=1)
   positions = prompt_lengths[:, None] + jnp.arange(sparsity.lookahead)[None, :]
@@ -98,12 +105,11 @@ def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rn
   return scores
 
 
-SCORE_FUNCTIONS = {"streaming": streaming_scores, "snapkv": snapkv_scores, "h2o": h2o_scores,
-                   "lookahead": lookahead_scores, "random": random_scores}
+POLICIES = {"streaming": streaming_scores, "snapkv": snapkv_scores, "h2o": h2o_scores,
+            "lookahead": lookahead_scores, "random": random_scores}
 
 
 def policy_scores(config: ModelConfig, params, cache: FullKVCache, prompt, prompt_lengths,
-                  sparsity: SparsityConfig, rng):
-  """Scores [L, B, Hkv, S] of `sparsity.policy` for a prefilled drafter cache."""
-  return SCORE_FUNCTIONS[sparsity.policy](config, params, cache, prompt, prompt_lengths,
-                                          sparsity, rng)
+                  sparsity: "SparsityConfig", rng):
+  """Scores [L, B, Hkv, S >= prompt length] of `sparsity.policy` for a prefilled drafter cache."""
+  return POLICIES[sparsity.policy](config, params, cache, prompt, prompt_lengths, sparsity, rng)

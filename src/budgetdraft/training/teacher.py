@@ -17,24 +17,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from budgetdraft.decoding.prefill import prefill
-from budgetdraft.kv_cache import FullKVCache
+from budgetdraft.models import prefill
 from budgetdraft.models.config import ModelConfig
-from budgetdraft.models.transformer import Transformer
 
 
-@functools.partial(jax.jit, static_argnames=("config", "prompt_len", "top_k", "chunk_size"))
+@functools.partial(jax.jit, static_argnames=("config", "prompt_len", "top_k", "prefill_chunk"))
 def teacher_targets(params, tokens, *, config: ModelConfig, prompt_len: int, top_k: int,
-                    chunk_size: int = 512):
+                    prefill_chunk: int = 512):
   """(token ids [B, C, k] int32, probs [B, C, k] float32) at continuation positions tokens[:, P:]."""
-  batch, seq_len = tokens.shape
-  model = Transformer(config)
-  lengths = jnp.full((batch,), prompt_len, jnp.int32)
-  _, cache = prefill(model, params, tokens[:, :prompt_len], lengths,
-                     FullKVCache.init(config, batch, seq_len + chunk_size), chunk_size)
-  positions = jnp.broadcast_to(jnp.arange(prompt_len, seq_len), (batch, seq_len - prompt_len))
-  hidden, _ = model.apply({"params": params}, tokens[:, prompt_len:], positions, cache)
-  logits = model.apply({"params": params}, hidden, method=Transformer.logits)
+  cache = prefill.prefill_cache(params, tokens[:, :prompt_len], config=config,
+                                capacity=tokens.shape[1] + prefill_chunk,
+                                prefill_chunk=prefill_chunk)
+  logits = prefill.continuation_logits(params, cache, tokens[:, prompt_len:], config=config)
   top_logits, ids = jax.lax.top_k(logits, top_k)
   return ids.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1)
 

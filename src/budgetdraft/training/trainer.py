@@ -18,68 +18,34 @@ import time
 from absl import logging
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from budgetdraft import drafters
 from budgetdraft.models.config import ModelConfig
-from budgetdraft.sparsity.selection import SparsityConfig
-from budgetdraft.training import budgets as budgets_lib
 from budgetdraft.training import teacher as teacher_lib
-from budgetdraft.training.train_step import StepSettings, TrainState, make_optimizer, make_train_step
-
-
-def check_config(cfg: ml_collections.ConfigDict, verifier_config: ModelConfig,
-                 sequence_len: int) -> budgets_lib.BudgetSampler | None:
-  """Validates a training config at the boundary; returns the budget sampler (None = naive)."""
-  if cfg.prompt_len + cfg.continuation != sequence_len:
-    raise ValueError(f"sequences have {sequence_len} tokens, but prompt_len + continuation = "
-                     f"{cfg.prompt_len} + {cfg.continuation}")
-  if sequence_len > verifier_config.max_context:
-    raise ValueError(f"training sequences of {sequence_len} tokens exceed the verifier's context "
-                     f"of {verifier_config.max_context}")
-  if cfg.steps < 1 or cfg.batch_size < 1:
-    raise ValueError(f"steps={cfg.steps} and batch_size={cfg.batch_size} must be >= 1")
-  if not 1 <= cfg.teacher.top_k <= verifier_config.vocab_size:
-    raise ValueError(f"teacher.top_k={cfg.teacher.top_k} must be in [1, vocab size "
-                     f"{verifier_config.vocab_size}]")
-  if cfg.num_views == 0:
-    return None
-  sampler = budgets_lib.BudgetSampler(tuple(cfg.budgets), cfg.num_views, cfg.sinks, cfg.window,
-                                      cfg.sparse_weight)
-  if max(cfg.budgets) >= cfg.prompt_len:
-    raise ValueError(f"budget {max(cfg.budgets)} keeps the whole {cfg.prompt_len}-token prompt "
-                     "(that is the full-cache branch); use budgets below prompt_len")
-  return sampler
-
-
-def _step_settings(cfg, sampler) -> StepSettings:
-  budget = min(cfg.budgets) if sampler else cfg.sinks + cfg.window
-  sparsity = SparsityConfig(policy=cfg.policy, budget=budget, sinks=cfg.sinks, window=cfg.window,
-                            recent=cfg.recent)
-  return StepSettings(prompt_len=cfg.prompt_len, sparsity=sparsity,
-                      ring_size=cfg.recent + cfg.gamma,
-                      sparse_weight=cfg.sparse_weight if sampler else 0.0,
-                      kl_weight=cfg.kl_weight, seed=cfg.seed)
+from budgetdraft.training.budgets import sample_budgets
+from budgetdraft.training.config import TrainConfig
+from budgetdraft.training.train_step import TrainState, make_optimizer, make_train_step
 
 
 class _Teacher:
   """Teacher targets for sequence indices, on the fly or from the array_record cache."""
 
-  def __init__(self, cfg, verifier_config, verifier_params, sequences, verifier_name):
-    self.top_k, self.continuation = cfg.teacher.top_k, cfg.continuation
+  def __init__(self, config: TrainConfig, verifier_config, verifier_params, sequences,
+               verifier_name):
+    self.top_k, self.continuation = config.teacher.top_k, config.continuation
     self.sequences = sequences
     self.compute = functools.partial(
         teacher_lib.teacher_targets, verifier_params, config=verifier_config,
-        prompt_len=cfg.prompt_len, top_k=cfg.teacher.top_k)
+        prompt_len=config.prompt_len, top_k=config.teacher.top_k)
     self.cache = None
-    if cfg.teacher.cache_dir:
+    if config.teacher.cache_dir:
       fingerprint = hashlib.sha256(sequences.tobytes()).hexdigest()[:16]
-      self.cache = teacher_lib.TeacherCache(cfg.teacher.cache_dir, {
-          "verifier": verifier_name, "prompt_len": cfg.prompt_len,
-          "continuation": cfg.continuation, "top_k": cfg.teacher.top_k,
+      self.cache = teacher_lib.TeacherCache(config.teacher.cache_dir, {
+          "verifier": verifier_name, "prompt_len": config.prompt_len,
+          "continuation": config.continuation, "top_k": config.teacher.top_k,
           "sequences": fingerprint})
       self.cache.build(self.compute, sequences)
 
@@ -98,7 +64,7 @@ class _Progress:
     self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
     self.total, self.tokens_per_step = total_steps, tokens_per_step
     self.start_step, self.start_time = start_step, time.time()
-    self.window = []
+    self.pending = []
 
   def _keep_lines_before(self, step: int):
     """A resumed run rewrites the steps after its checkpoint."""
@@ -121,7 +87,7 @@ class _Progress:
       self.writer.add_scalar(f"train/{key}", record[key], step)
     for budget, acceptance in zip(record["budgets"], record["acceptance_views"]):
       self.writer.add_scalar(f"acceptance/budget_{budget}", acceptance, step)
-    self.window.append(record)
+    self.pending.append(record)
     if log:
       self._log(step)
 
@@ -129,9 +95,9 @@ class _Progress:
     done = step + 1 - self.start_step
     elapsed = time.time() - self.start_time
     per_step = elapsed / done
-    mean = lambda key: np.mean([r[key] for r in self.window])
+    mean = lambda key: np.mean([r[key] for r in self.pending])
     by_budget = {}
-    for r in self.window:
+    for r in self.pending:
       for budget, acceptance in zip(r["budgets"], r["acceptance_views"]):
         by_budget.setdefault(budget, []).append(acceptance)
     views_text = "".join(f" B{b}={np.mean(a):.3f}" for b, a in sorted(by_budget.items()))
@@ -141,26 +107,26 @@ class _Progress:
                  "%.0f tok/s, %.1f s/step, ETA %.1f min", step + 1, self.total, mean("loss"),
                  mean("full"), mean("sparse"), mean("acceptance_full"), views_text, tokens_per_s,
                  per_step, per_step * (self.total - step - 1) / 60)
-    self.window = []
+    self.pending = []
 
   def close(self):
     self.writer.close()
 
 
-def train(cfg: ml_collections.ConfigDict, verifier_config: ModelConfig, verifier_params: dict,
-          sequences: np.ndarray, workdir: str, *, verifier_name: str = "",
+def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: dict,
+          sequences: np.ndarray, *, verifier_name: str = "",
           stop_after: int | None = None) -> list[dict]:
-  """Trains a drafter cut from the verifier on sequences [N, P + C]; resumes from workdir.
+  """Trains a drafter cut from the verifier on sequences [N, P + C]; resumes from config.workdir.
 
   stop_after: stop (with a checkpoint) after this many steps in total, as if the job were killed
   there; a later call resumes. Returns the per-step metrics of this call. The trained drafter is
-  saved under workdir/drafter (`drafters.load`).
+  saved under <workdir>/drafter (`drafters.load("trained:<workdir>", ...)`).
   """
-  sampler = check_config(cfg, verifier_config, sequences.shape[1])
-  settings = _step_settings(cfg, sampler)
+  config.check_against(verifier_config, sequences.shape[1])
+  workdir = config.workdir
   model_config, trainable, shared = drafters.from_verifier(verifier_config, verifier_params,
-                                                           cfg.drafter_layers)
-  optimizer = make_optimizer(cfg)
+                                                           config.drafter_layers)
+  optimizer = make_optimizer(config)
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state; the verifier keeps its
   state = TrainState(step=jnp.zeros((), jnp.int32), data_position=jnp.zeros((), jnp.int32),
                      params=trainable, opt_state=optimizer.init(trainable))
@@ -172,28 +138,30 @@ def train(cfg: ml_collections.ConfigDict, verifier_config: ModelConfig, verifier
     state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
     logging.info("resumed from %s at step %d", workdir, int(state.step))
 
-  num_used = min(len(sequences), cfg.steps * cfg.batch_size)
-  teacher = _Teacher(cfg, verifier_config, verifier_params, sequences[:num_used], verifier_name)
-  train_step = make_train_step(model_config, settings, optimizer)
-  last_step = min(cfg.steps, stop_after or cfg.steps)
-  progress = _Progress(workdir, int(state.step), cfg.steps, cfg.batch_size * sequences.shape[1])
+  num_used = min(len(sequences), config.steps * config.batch_size)
+  teacher = _Teacher(config, verifier_config, verifier_params, sequences[:num_used],
+                     verifier_name)
+  train_step = make_train_step(model_config, config, optimizer)
+  last_step = min(config.steps, stop_after or config.steps)
+  progress = _Progress(workdir, int(state.step), config.steps,
+                       config.batch_size * sequences.shape[1])
   history = []
   for step in range(int(state.step), last_step):
-    step_budgets = (sampler.sample(np.random.default_rng([cfg.seed, step])) if sampler
-                    else np.zeros((0,), np.int32))
-    indices = (int(state.data_position) + np.arange(cfg.batch_size)) % num_used
+    step_budgets = sample_budgets(config, step)
+    indices = (int(state.data_position) + np.arange(config.batch_size)) % num_used
     teacher_ids, teacher_probs = teacher(indices)
     state, metrics = train_step(state, shared, jnp.asarray(sequences[indices]), teacher_ids,
                                 teacher_probs, jnp.asarray(step_budgets))
     metrics = jax.device_get(metrics)
     is_last = step + 1 == last_step
-    progress.record(step, metrics, step_budgets, log=(step + 1) % cfg.log_every == 0 or is_last)
+    progress.record(step, metrics, step_budgets,
+                    log=(step + 1) % config.log_every == 0 or is_last)
     history.append({"step": step, **metrics})
-    if (step + 1) % cfg.checkpoint_every == 0 or is_last:
+    if (step + 1) % config.checkpoint_every == 0 or is_last:
       manager.save(step + 1, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   progress.close()
-  if history and int(state.step) == cfg.steps:
-    drafters.save(os.path.join(workdir, "drafter"), state.params, cfg.drafter_layers,
-                     verifier_name)
+  if history and int(state.step) == config.steps:
+    drafters.save(os.path.join(workdir, "drafter"), state.params, config.drafter_layers,
+                  verifier_name)
   return history

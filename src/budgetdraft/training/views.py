@@ -4,7 +4,7 @@ A sequence [B, P + C] is split at the compression point P. The prompt pass runs 
 the first P tokens with full causal attention (as the inference prefill does) and keeps every
 key. The inference selection policy then scores those keys with the drafter's own attention (the
 same `policy_scores` code as decoding, on gradient-stopped inputs: selection is discrete), and each
-budget keeps, per layer and KV head, the prompt keys `keep_mask_from_scores` ranks below it. The
+budget keeps, per layer and KV head, what the inference rule `selection.keep_mask` keeps. The
 C continuation tokens then run once per branch against the shared prompt keys: the full branch sees
 every key, a view at budget B sees its kept keys + the last `ring_size` tokens since P, which is
 what a `SparseKVCache` compressed at P would show (`MaskedKVCache`). Gradients reach the prompt
@@ -14,12 +14,10 @@ pass through the kept keys and values.
 import jax
 import jax.numpy as jnp
 
-from budgetdraft.kv_cache import FullKVCache, MaskedKVCache
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache, MaskedKVCache
 from budgetdraft.models.transformer import Transformer
-from budgetdraft.sparsity import policies
-from budgetdraft.sparsity.selection import SparsityConfig
-from budgetdraft.training.budgets import keep_mask_from_scores
+from budgetdraft.sparsity import policies, selection
 
 
 def _positions(batch: int, start: int, count: int):
@@ -38,13 +36,13 @@ def prompt_pass(config: ModelConfig, params, prompt, capacity: int) -> FullKVCac
 
 
 def keep_masks(config: ModelConfig, params, cache: FullKVCache, prompt, budgets,
-               sparsity: SparsityConfig, rng):
+               sparsity: selection.SparsityConfig, rng):
   """[M, L, B, Hkv, capacity] bool: the prompt keys each budget in `budgets` [M] keeps."""
   prompt_lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
   frozen = jax.lax.stop_gradient
   scores = policies.policy_scores(config, frozen(params), frozen(cache), prompt, prompt_lengths,
                                   sparsity, rng)
-  return jax.vmap(lambda budget: keep_mask_from_scores(scores, prompt_lengths, budget, sparsity))(
+  return jax.vmap(lambda budget: selection.keep_mask(scores, prompt_lengths, budget, sparsity))(
       budgets)
 
 
@@ -67,7 +65,7 @@ def branch_logits(config: ModelConfig, params, cache: FullKVCache, continuation,
 
 
 def all_branch_logits(config: ModelConfig, params, tokens, prompt_len: int, budgets,
-                      sparsity: SparsityConfig, ring_size: int, rng):
+                      sparsity: selection.SparsityConfig, ring_size: int, rng):
   """Logits [1 + M, B, C, V] of the continuation tokens[:, P:]: the full branch, then M views."""
   prompt, continuation = tokens[:, :prompt_len], tokens[:, prompt_len:]
   cache = prompt_pass(config, params, prompt, tokens.shape[1])

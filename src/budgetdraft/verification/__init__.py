@@ -1,19 +1,34 @@
 """Lossless verification rules for speculative decoding.
 
-Every rule is a pure function `(draft_tokens, q, p, rng) -> (num_accepted, next_token[, path])` over
-float32 probabilities (after temperature / top-p). Single-path rules take draft_tokens [gamma],
-q [gamma, V], p [gamma + 1, V]; multi-path rules take a leading paths axis and also return the path.
-Each sampling rule draws from an exact outcome law (`*_law`), so its losslessness is proven by
-exact enumeration on tiny vocabularies (tests/test_verification.py).
+Every rule in `RULES` is a pure function with one signature,
+  (draft_tokens [K, gamma], q [K, gamma, V], p [K, gamma + 1, V], rng)
+      -> (num_accepted, next_token, path),
+over float32 probabilities (after temperature / top-p); the emitted tokens are
+draft_tokens[path, :num_accepted] followed by next_token. Single-path rules (`SINGLE_PATH_RULES`)
+verify a K = 1 draft. Each sampling rule draws from an exact outcome law (`*_law`), so its
+losslessness is proven by exact enumeration on tiny vocabularies (tests/test_verification.py).
 """
+
+import jax.numpy as jnp
 
 from budgetdraft.verification import block, greedy, multipath, tokenwise
 
-# name -> (rule, takes a leading paths axis)
+
+def _one_path(verify):
+  """A single-path rule under the common signature: it verifies the only path of a K = 1 draft."""
+
+  def verify_path(draft_tokens, q, p, rng):
+    num_accepted, next_token = verify(draft_tokens[0], q[0], p[0], rng)
+    return num_accepted, next_token, jnp.zeros((), jnp.int32)
+
+  return verify_path
+
+
 RULES = {
-    "tokenwise": (tokenwise.verify_tokenwise, False),
-    "block": (block.verify_block, False),
-    "greedy": (greedy.verify_greedy_multipath, True),
-    "specinfer": (multipath.verify_specinfer, True),
-    "gbv": (multipath.verify_gbv, True),
+    "tokenwise": _one_path(tokenwise.verify_tokenwise),
+    "block": _one_path(block.verify_block),
+    "greedy": greedy.verify_greedy,
+    "specinfer": multipath.verify_specinfer,
+    "gbv": multipath.verify_gbv,
 }
+SINGLE_PATH_RULES = frozenset({"tokenwise", "block"})

@@ -1,8 +1,7 @@
-"""Pieces shared by the verification rules: safe normalization, outcome sampling, draft validation."""
+"""Pieces shared by the verification rules: safe normalization and outcome sampling."""
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 
 def normalize(mass):
@@ -27,16 +26,3 @@ def sample_outcome(rng, stop_probs, next_dists):
   index = jax.random.categorical(stop_rng, jnp.log(jnp.maximum(flat_stop, 0.0)))
   token = jax.random.categorical(token_rng, jnp.log(jnp.maximum(flat_dists[index], 0.0)))
   return index, token.astype(jnp.int32)
-
-
-def validate_draft(draft_tokens, q) -> None:
-  """Raises if a drafted token had draft probability 0 (it cannot have been sampled from q).
-
-  A boundary check for concrete arrays: draft_tokens [..., gamma], q [..., gamma, V].
-  """
-  draft_tokens, q = np.asarray(draft_tokens), np.asarray(q)
-  drafted = np.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
-  if np.any(drafted <= 0):
-    bad = np.argwhere(drafted <= 0)[0].tolist()
-    raise ValueError(f"drafted token {int(draft_tokens[tuple(bad)])} at index {bad} has draft "
-                     "probability 0: drafts must be sampled from q")

@@ -67,7 +67,7 @@ def _single_path(law):
 
 
 def _greedy_outcomes(drafts, q, p):
-  verify = jax.jit(jax.vmap(greedy.verify_greedy_multipath))
+  verify = jax.jit(jax.vmap(greedy.verify_greedy))
   num_accepted, token, path = map(np.asarray, verify(drafts, q, p, np.zeros(len(drafts))))
   vocab = p.shape[-1]
   return [{(int(j), int(k)): (1.0, np.eye(vocab)[t])} for k, t, j in zip(num_accepted, token, path)]

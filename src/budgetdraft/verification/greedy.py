@@ -1,7 +1,7 @@
 """Greedy (temperature 0) verification: accept the longest drafted prefix matching the verifier's argmax.
 
-The emitted sequence is then exactly greedy autoregressive decoding of the verifier. Signatures match
-the sampling rules (q and rng are unused) so the decoding loop can swap rules freely.
+The emitted sequence is then exactly greedy autoregressive decoding of the verifier. The signature
+is the common one of `verification.RULES` (q and rng are unused), for any number of paths.
 """
 
 import jax.numpy as jnp
@@ -15,12 +15,6 @@ def _matched_prefix(draft_tokens, p):
 
 
 def verify_greedy(draft_tokens, q, p, rng):
-  del q, rng
-  num_accepted = _matched_prefix(draft_tokens, p)
-  return num_accepted, jnp.argmax(p[num_accepted]).astype(jnp.int32)
-
-
-def verify_greedy_multipath(draft_tokens, q, p, rng):
   """The path with the longest match (lowest index on ties)."""
   del q, rng
   matched = _matched_prefix(draft_tokens, p)  # [K]

@@ -19,8 +19,6 @@ on that path's first i tokens, so paths sharing a prefix share those rows). Outp
   prefix. With K = 1 it is block verification; each extra path can only lengthen the accepted prefix.
 """
 
-import itertools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -137,11 +135,3 @@ def gbv_outcomes(draft_tokens, q, p):
   for stop in range(gamma + 1):
     expand(1, stop, 0, next_dists[stop], float(stop_probs[stop]))
   return {key: (mass, dist / mass) for key, (mass, dist) in laws.items()}
-
-
-def specinfer_outcomes(draft_tokens, q, p):
-  """`specinfer_law` in the dictionary form of `gbv_outcomes`."""
-  stop_probs, next_dists = specinfer_law(draft_tokens, q, p)
-  stop_probs, next_dists = np.asarray(stop_probs), np.asarray(next_dists)
-  return {(k, d): (float(stop_probs[k, d]), next_dists[k, d])
-          for k, d in itertools.product(*map(range, stop_probs.shape)) if stop_probs[k, d] > 0}

@@ -1,10 +1,12 @@
-"""KV caches as explicit pytrees with one protocol: `write` a chunk's keys, `attend` to the cache.
+"""KV caches as explicit pytrees with one protocol (`KVCache`): write a chunk's keys, attend to them.
 
 Caches are preallocated to a static capacity and `length` (the position of the next token) is the
 only dynamic size, so committing or rolling back tokens is a length change, never a copy. The model
-only calls `write`, `attend` and `advance`, so it runs unchanged on the verifier's full cache, on
-the drafter's sparse cache, and on the masked full cache that stands in for a sparse one in training.
+only uses the protocol, so it runs unchanged on the verifier's full cache, on the drafter's sparse
+cache, and on the masked full cache that stands in for a sparse one in training.
 """
+
+from typing import Protocol, Self
 
 import flax.struct
 import jax
@@ -13,6 +15,36 @@ import jax.numpy as jnp
 from budgetdraft.models import attention
 from budgetdraft.models.config import ModelConfig
 import pallas_kernels
+
+
+class KVCache(Protocol):
+  """What the model and the decoding loops need of a cache. Every method returns a new cache.
+
+  length: [B] int32, the position of each row's next token.
+  """
+
+  length: jax.Array
+
+  def write(self, layer, k, v, positions) -> Self:
+    """Stores k, v: [B, T, Hkv, D] of the chunk at `positions` [B, T] (starting at `length`)."""
+
+  def attend(self, layer, q, chunk_mask) -> jax.Array:
+    """Attention [B, T, H, D] of q [B, T, H, D] (chunk_mask [B, T, T] or None = causal)."""
+
+  def attend_with_probs(self, layer, q, chunk_mask) -> tuple[jax.Array, jax.Array]:
+    """`attend` plus the probabilities [B, Hkv, G, T, S] over the cache's slots."""
+
+  def truncate(self, length) -> Self:
+    """Keeps the first `length` positions of each row (rollback)."""
+
+  def advance(self, num_new: int) -> Self:
+    """Commits `num_new` written positions."""
+
+  def gather_rows(self, rows) -> Self:
+    """The cache of batch rows `rows` [N] (rows may repeat)."""
+
+  def nbytes(self) -> int:
+    """Bytes held on the device."""
 
 
 def _round_up(value: int, multiple: int) -> int:
@@ -26,7 +58,7 @@ def _causal_if_none(chunk_mask, batch: int, num_new: int):
 
 
 class _Length:
-  """Commit / rollback by length, shared by both caches (`length` = position of the next token)."""
+  """Commit / rollback by length, shared by the full and sparse caches (`length` = next position)."""
 
   def truncate(self, length):
     """Keeps the first `length` positions of each row."""
@@ -99,11 +131,19 @@ class FullKVCache(_Length):
         block_k=block)
 
   def attend_with_probs(self, layer, q, chunk_mask):
-    """Dense attention that also returns probs [B, Hkv, G, T, S] (for KV selection scores)."""
+    """Dense attention over every slot (the probabilities feed KV selection scores)."""
     chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
     key_positions = jnp.broadcast_to(jnp.arange(self.capacity), (self.batch_size, self.capacity))
     visible = attention.visible_mask(self.length, chunk_mask, key_positions)[:, None]
     return attention.dense_attention(q, self.k[layer], self.v[layer], visible)
+
+  def reserve(self, capacity: int) -> "FullKVCache":
+    """This cache with room for `capacity` positions: itself if it has it, else a padded copy."""
+    if capacity <= self.capacity:
+      return self
+    extra = _round_up(capacity, self.attention_block) - self.capacity
+    widen = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, extra), (0, 0)])
+    return self.replace(k=widen(self.k), v=widen(self.v))
 
   def gather_rows(self, rows) -> "FullKVCache":
     return self.replace(k=self.k[:, rows], v=self.v[:, rows], length=self.length[rows])
@@ -131,6 +171,18 @@ class SparseKVCache(_Length):
   ring_base: jax.Array  # [batch] first position that lives in the ring (the prompt length)
   budget: int = flax.struct.field(pytree_node=False, default=0)
   attention_impl: str = flax.struct.field(pytree_node=False, default="jnp")
+
+  @classmethod
+  def init(cls, config: ModelConfig, batch_size: int, budget: int,
+           ring_size: int) -> "SparseKVCache":
+    """Empty cache (no kept keys, empty ring, compression point 0)."""
+    capacity = budget + ring_size
+    shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
+    return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
+               positions=jnp.full(shape[:4], -1, jnp.int32),
+               length=jnp.zeros((batch_size,), jnp.int32),
+               ring_base=jnp.zeros((batch_size,), jnp.int32), budget=budget,
+               attention_impl=config.attention_impl)
 
   @property
   def capacity(self) -> int:
@@ -166,9 +218,12 @@ class SparseKVCache(_Length):
       query_positions = self.length[:, None] + jnp.arange(q.shape[1])[None, :]
       return pallas_kernels.sparse_decode_attention(q, self.k[layer], self.v[layer],
                                                     self.positions[layer], query_positions)
+    return self.attend_with_probs(layer, q, chunk_mask)[0]
+
+  def attend_with_probs(self, layer, q, chunk_mask):
     chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
     visible = attention.visible_mask(self.length, chunk_mask, self.positions[layer])
-    return attention.dense_attention(q, self.k[layer], self.v[layer], visible)[0]
+    return attention.dense_attention(q, self.k[layer], self.v[layer], visible)
 
   def gather_rows(self, rows) -> "SparseKVCache":
     return self.replace(k=self.k[:, rows], v=self.v[:, rows], positions=self.positions[:, rows],
@@ -209,6 +264,13 @@ class MaskedKVCache:
 
   def write(self, layer, k, v, positions) -> "MaskedKVCache":
     return self.replace(cache=self.cache.write(layer, k, v, positions))
+
+  def gather_rows(self, rows) -> "MaskedKVCache":
+    return self.replace(cache=self.cache.gather_rows(rows), keep=self.keep[:, rows],
+                        ring_base=self.ring_base[rows])
+
+  def nbytes(self) -> int:
+    return self.cache.nbytes() + self.keep.nbytes
 
   def attend(self, layer, q, chunk_mask):
     """Attention of q [B, T, H, D] over the visible keys (chunk_mask None = causal)."""

@@ -1,12 +1,12 @@
-"""Model-quality and decoding measures."""
+"""Perplexity of a model on token sequences (model quality, e.g. of a drafter cut or a pruned model)."""
 
 import functools
 
 import jax
 import jax.numpy as jnp
 
-from budgetdraft.kv_cache import FullKVCache
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.transformer import Transformer
 
 

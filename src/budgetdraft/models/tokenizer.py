@@ -1,12 +1,14 @@
-"""Tokenizers built with HF `tokenizers` from GGUF metadata or a tokenizer.json, never from a hub."""
+"""Tokenizers built with HF `tokenizers` from GGUF metadata or a tokenizer.json, never from a hub.
+
+`checkpoint_io.load_tokenizer(path)` picks the source for a checkpoint path.
+"""
 
 import dataclasses
 import json
 import os
 
+import gguf
 from tokenizers import AddedToken, Regex, Tokenizer, decoders, models, pre_tokenizers
-
-from budgetdraft.models import checkpoint_io
 
 # llama.cpp's pre-tokenizer names -> the split regex it applies before byte-level BPE.
 _LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+"
@@ -31,9 +33,6 @@ class TextTokenizer:
   def encode(self, text: str) -> list[int]:
     return self.backend.encode(text, add_special_tokens=False).ids
 
-  def encode_batch(self, texts: list[str]) -> list[list[int]]:
-    return [e.ids for e in self.backend.encode_batch(texts, add_special_tokens=False)]
-
   def decode(self, ids) -> str:
     return self.backend.decode(list(ids), skip_special_tokens=False)
 
@@ -56,9 +55,8 @@ def _pre_tokenizer(pre: str):
       pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
 
 
-def from_gguf(path: str) -> TextTokenizer:
-  """Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) from a GGUF file's metadata."""
-  reader = checkpoint_io.open_gguf(path)
+def from_gguf(reader: gguf.GGUFReader, path: str) -> TextTokenizer:
+  """Byte-level BPE (`tokenizer.ggml.model == "gpt2"`) from an opened GGUF file's metadata."""
   field = lambda key: (reader.fields[key].contents() if key in reader.fields else None)
   kind = field("tokenizer.ggml.model")
   if kind != "gpt2":
@@ -94,8 +92,3 @@ def from_hf_folder(directory: str) -> TextTokenizer:
     return None if token is None else backend.token_to_id(token)
 
   return TextTokenizer(backend, token_id("bos_token"), token_id("eos_token"))
-
-
-def load_tokenizer(path: str) -> TextTokenizer:
-  """The tokenizer of a checkpoint path as accepted by `checkpoint_io.load_checkpoint`."""
-  return from_hf_folder(path) if os.path.isdir(path) else from_gguf(path)

@@ -1,0 +1,43 @@
+"""Autoregressive prefill time and decode speed of a model, against the memory-bandwidth floor.
+
+A decode step must read every weight and the valid part of the KV cache once, so
+floor = (weight bytes + KV bytes) / measured read bandwidth; `x floor` is how far a step is from it.
+"""
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from budgetdraft.decoding import autoregressive
+from budgetdraft.decoding.sampling import SamplingConfig
+from budgetdraft.evaluation import timing
+from budgetdraft.models.checkpoint_io import Checkpoint
+
+
+def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_new_tokens: int,
+                 prefill_chunk: int, bandwidth: float) -> list[dict]:
+  """One row per context; prompt_tokens [1, >= max(contexts) - max_new_tokens] are cut per row."""
+  config, params = model.config, model.params
+  weight_bytes = timing.tree_bytes(params)
+  static = dict(config=config, sampling=SamplingConfig(), eos_id=None, pad_id=0)
+  rows = []
+  for context in contexts:
+    prompt_len = context - max_new_tokens
+    prompt = jnp.asarray(prompt_tokens[:1, :prompt_len])
+    lengths = jnp.array([prompt_len], jnp.int32)
+    logging.info("context %d: compiling prefill", context)
+    start = timing.compiled(autoregressive.start, params, prompt, lengths, jax.random.key(0),
+                            max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, **static)
+    state, prefill_s = timing.timed(start, params, prompt, lengths, jax.random.key(0))
+    decode = timing.compiled(autoregressive.decode, params, state, **static)
+    state, decode_s = timing.timed(decode, params, state)
+    step_s = decode_s / (int(state.step) - 1)  # the first token came from prefill
+    kv_bytes = 2 * config.num_layers * config.num_kv_heads * context * config.head_dim * (
+        config.dtype.itemsize)
+    floor_s = (weight_bytes + kv_bytes) / bandwidth
+    rows.append({"context": context, "prompt tokens": prompt_len,
+                 "prefill s": prefill_s, "prefill tok/s": prompt_len / prefill_s,
+                 "decode tok/s": 1 / step_s, "ms/step": 1e3 * step_s,
+                 "floor ms/step": 1e3 * floor_s, "x floor": step_s / floor_s})
+    logging.info("%s", rows[-1])
+  return rows

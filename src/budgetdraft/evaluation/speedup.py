@@ -1,0 +1,126 @@
+"""Speculative decoding vs autoregressive decoding, measured side by side on the same prompts.
+
+For each context and variant (drafter, KV policy and budget, verification rule, paths): prefill and
+decode wall time of speculative decoding and of AR decoding, acceptance, tokens per verifier call,
+time per round and the drafter's share of it, KV bytes of both models, and speedup = AR time /
+speculative time (decode phase and end to end). Every time is of an ahead-of-time compiled call.
+"""
+
+import dataclasses
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+
+from budgetdraft import drafters as drafters_lib
+from budgetdraft.decoding import autoregressive, speculative
+from budgetdraft.evaluation import results, timing
+from budgetdraft.models.checkpoint_io import Checkpoint
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+  """One row of the table: a drafter (a `drafters.load` source) and its speculative settings."""
+
+  drafter: str
+  spec: speculative.SpeculativeConfig
+
+
+def prompt_length(context: int, variants: list[Variant]) -> int:
+  """Prompt tokens that leave room for max_new_tokens and a last round's whole draft tree."""
+  spec = variants[0].spec
+  headroom = max(v.spec.num_paths for v in variants) * spec.gamma + 1
+  length = context - spec.max_new_tokens - headroom
+  if length < 1:
+    raise ValueError(f"context {context} leaves no prompt after max_new_tokens="
+                     f"{spec.max_new_tokens} and a last draft tree of {headroom} tokens")
+  return length
+
+
+def measure_ar(model: Checkpoint, prompt, spec: speculative.SpeculativeConfig):
+  """(prefill s, decode s) of AR decoding with the sampling and lengths of `spec`."""
+  lengths = jnp.array([prompt.shape[1]], jnp.int32)
+  static = dict(config=model.config, sampling=spec.sampling, eos_id=None, pad_id=0)
+  start = timing.compiled(autoregressive.start, model.params, prompt, lengths, jax.random.key(0),
+                          max_new_tokens=spec.max_new_tokens, prefill_chunk=spec.prefill_chunk,
+                          **static)
+  state, prefill_s = timing.timed(start, model.params, prompt, lengths, jax.random.key(0))
+  decode = timing.compiled(autoregressive.decode, model.params, state, **static)
+  _, decode_s = timing.timed(decode, model.params, state)
+  return prefill_s, decode_s
+
+
+def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative.SpeculativeConfig):
+  """Times and `RoundStats` of one speculative run, plus one draft and one verify phase timed on
+  their own from the post-prefill state (for the drafter's share of a round)."""
+  drafter_config, drafter_params = drafter
+  lengths = jnp.array([prompt.shape[1]], jnp.int32)
+  static = dict(verifier_config=verifier.config, drafter_config=drafter_config, spec=spec)
+  args = (verifier.params, drafter_params, prompt, lengths, jax.random.key(1))
+  start = timing.compiled(speculative.start, *args, **static)
+  state, prefill_s = timing.timed(start, *args)
+  decode = timing.compiled(speculative.decode, verifier.params, drafter_params, state, **static)
+  final, decode_s = timing.timed(decode, verifier.params, drafter_params, state)
+
+  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the phases donate their cache
+  root = state.verifier_cache.length
+  draft_args = lambda: (drafter_params, copy(state.drafter_cache), state.last_two, root,
+                        jax.random.key(2))
+  draft = timing.compiled(speculative.draft_step, *draft_args(), drafter_config=drafter_config,
+                          spec=spec)
+  (drafts, _, _), draft_s = timing.timed_with_fresh_args(draft, draft_args)
+  verify_args = lambda: (verifier.params, copy(state.verifier_cache), state.last_two[:, 1], drafts)
+  verify = timing.compiled(speculative.verify_step, *verify_args(),
+                           verifier_config=verifier.config, spec=spec)
+  _, verify_s = timing.timed_with_fresh_args(verify, verify_args)
+  _, stats = speculative.outputs_and_stats(final, spec)
+  return dict(prefill_s=prefill_s, decode_s=decode_s, draft_s=draft_s, verify_s=verify_s,
+              verifier_kv=state.verifier_cache.nbytes(), drafter_kv=state.drafter_cache.nbytes(),
+              stats=stats)
+
+
+def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> list[dict]:
+  """One row per (context, variant). prompts: {context: [N, P] prompt tokens}."""
+  rows = []
+  for context, windows in prompts.items():
+    prompt_batches = [jnp.asarray(w[None]) for w in windows]
+    ar = [measure_ar(verifier, p, variants[0].spec) for p in prompt_batches]
+    ar_prefill, ar_decode = sum(a[0] for a in ar), sum(a[1] for a in ar)
+    logging.info("context %d AR: prefill %.2fs decode %.2fs", context, ar_prefill, ar_decode)
+    for variant in variants:
+      spec = variant.spec
+      drafter = drafters_lib.load(variant.drafter, verifier.config, verifier.params)
+      runs = [measure_speculative(verifier, drafter, p, spec) for p in prompt_batches]
+      total = lambda key: sum(r[key] for r in runs)
+      stats = sum((r["stats"] for r in runs[1:]), runs[0]["stats"])
+      decode_s = total("decode_s")
+      row = {
+          "context": context, "drafter": variant.drafter,
+          "policy": spec.sparsity.policy if spec.sparsity else "full KV",
+          "budget": spec.sparsity.budget if spec.sparsity else "full", "rule": spec.rule,
+          "paths": spec.num_paths, "acceptance": stats.acceptance_rate,
+          "tokens/call": stats.tokens_per_call,
+          "ms/round": 1e3 * decode_s / max(1, stats.rounds),
+          "draft share": total("draft_s") / (total("draft_s") + total("verify_s")),
+          "decode tok/s": spec.max_new_tokens * len(runs) / decode_s,
+          "AR decode tok/s": spec.max_new_tokens * len(runs) / ar_decode,
+          "decode speedup": ar_decode / decode_s,
+          "e2e speedup": (ar_prefill + ar_decode) / (total("prefill_s") + decode_s),
+          "verifier KV MB": runs[0]["verifier_kv"] / 1e6,
+          "drafter KV MB": runs[0]["drafter_kv"] / 1e6,
+      }
+      rows.append(row)
+      logging.info("%s", row)
+  return rows
+
+
+def plot(rows: list[dict], path: str) -> None:
+  """Acceptance vs the drafter's KV budget (block rule), one line per (drafter, policy, context)."""
+  series = {}
+  for row in rows:
+    if row["budget"] != "full" and row["rule"] == "block":
+      label = f"{row['policy']}, {row['drafter']}, {row['context'] // 1024}K"
+      series.setdefault(label, []).append((row["budget"], row["acceptance"]))
+  results.plot_lines(path, {"speculative decoding": series},
+                     "KV budget of the drafter (kept prompt keys per layer and head)",
+                     "acceptance rate")

@@ -1,0 +1,95 @@
+"""Prefill and teacher forcing: running known tokens through the model into a cache.
+
+`prefill` runs a long prompt `prefill_chunk` tokens at a time, so peak activation memory is that of
+one chunk (a 16K prompt fits a laptop) and the chunks share one compiled step (`lax.scan`).
+`prefill_cache` + `continuation_logits` give the logits of a known continuation after a prompt over
+any cache (the verifier's full one, or a drafter's compressed one): the training teacher and the
+acceptance measurement both use them. `pad_prompts` and `check_request` are the request boundary
+shared by the decoding loops.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache, KVCache
+from budgetdraft.models.transformer import Transformer
+
+
+def prefill(model: Transformer, params, prompt, prompt_lengths, cache: FullKVCache,
+            prefill_chunk: int):
+  """Appends right-padded prompts to the cache.
+
+  prompt: [B, T] (row b valid up to prompt_lengths[b] >= 1). Returns (logits [B, V] float32 after
+  each row's last prompt token, cache with length += prompt_lengths).
+  """
+  batch, prompt_len = prompt.shape
+  num_chunks = -(-prompt_len // prefill_chunk)
+  padded = jnp.pad(prompt, ((0, 0), (0, num_chunks * prefill_chunk - prompt_len)))
+  chunks = padded.reshape(batch, num_chunks, prefill_chunk).transpose(1, 0, 2)
+  offsets = jnp.arange(num_chunks) * prefill_chunk
+
+  def step(carry, xs):
+    cache, last_hidden = carry
+    tokens, offset = xs
+    start = cache.length
+    positions = start[:, None] + jnp.arange(prefill_chunk)[None, :]
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache)
+    num_valid = jnp.clip(prompt_lengths - offset, 0, prefill_chunk)
+    last_index = prompt_lengths - 1 - offset
+    holds_last = (last_index >= 0) & (last_index < prefill_chunk)
+    picked = jnp.take_along_axis(hidden, jnp.clip(last_index, 0, prefill_chunk - 1)[:, None, None],
+                                 axis=1)[:, 0]
+    last_hidden = jnp.where(holds_last[:, None], picked, last_hidden)
+    return (cache.truncate(start + num_valid), last_hidden), None
+
+  init_hidden = jnp.zeros((batch, model.config.dim), model.config.dtype)
+  (cache, last_hidden), _ = jax.lax.scan(step, (cache, init_hidden), (chunks, offsets))
+  logits = model.apply({"params": params}, last_hidden, method=Transformer.logits)
+  return logits, cache
+
+
+@functools.partial(jax.jit, static_argnames=("config", "capacity", "prefill_chunk"))
+def prefill_cache(params, prompt, *, config: ModelConfig, capacity: int,
+                  prefill_chunk: int) -> FullKVCache:
+  """A full cache of `capacity` positions holding the prompt [B, P] (every row P tokens long)."""
+  lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
+  _, cache = prefill(Transformer(config), params, prompt, lengths,
+                     FullKVCache.init(config, prompt.shape[0], capacity), prefill_chunk)
+  return cache
+
+
+@functools.partial(jax.jit, static_argnames=("config",))
+def continuation_logits(params, cache: KVCache, continuation, *, config: ModelConfig):
+  """Logits [B, C, V] of the continuation [B, C] fed, teacher-forced, after what `cache` holds."""
+  model = Transformer(config)
+  positions = cache.length[:, None] + jnp.arange(continuation.shape[1])[None, :]
+  hidden, _ = model.apply({"params": params}, continuation, positions, cache)
+  return model.apply({"params": params}, hidden, method=Transformer.logits)
+
+
+def pad_prompts(prompts: list[list[int]], pad_id: int):
+  """Right-pads token lists into ([B, T] int32, lengths [B] int32)."""
+  if not prompts or any(len(p) == 0 for p in prompts):
+    raise ValueError("every prompt needs at least one token")
+  width = max(len(p) for p in prompts)
+  prompt = np.full((len(prompts), width), pad_id, np.int32)
+  for row, p in zip(prompt, prompts):
+    row[:len(p)] = p
+  return jnp.asarray(prompt), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+
+def check_request(config: ModelConfig, prompt_len: int, max_new_tokens: int,
+                  prefill_chunk: int) -> int:
+  """Validates a generation request at the boundary; returns the cache capacity it needs."""
+  if prompt_len < 1 or max_new_tokens < 1 or prefill_chunk < 1:
+    raise ValueError(f"prompt_len={prompt_len}, max_new_tokens={max_new_tokens} and "
+                     f"prefill_chunk={prefill_chunk} must all be >= 1")
+  if prompt_len + max_new_tokens > config.max_context:
+    raise ValueError(
+        f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
+        f"context of {config.max_context} tokens; shorten the prompt or override max_context")
+  return -(-prompt_len // prefill_chunk) * prefill_chunk + max_new_tokens

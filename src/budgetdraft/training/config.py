@@ -1,0 +1,115 @@
+"""`TrainConfig`: everything a BudgetDraft training run reads, typed, frozen and validated once.
+
+Config files stay ml_collections (`configs/budgetdraft_*.py`, `--config.field=value` overrides);
+the entry point converts them here (`TrainConfig.from_dict`) and nothing past it sees a loose dict.
+Frozen and hashable, so the jitted train step takes it as a static argument.
+"""
+
+import dataclasses
+from typing import Mapping
+
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.sparsity.selection import SparsityConfig
+
+
+@dataclasses.dataclass(frozen=True)
+class TeacherConfig:
+  """The shared full-cache teacher: the verifier's top-k next-token probabilities."""
+
+  top_k: int = 64
+  cache_dir: str = ""  # "" = targets on the fly; else cached once in <cache_dir>/targets.array_record
+
+  def __post_init__(self):
+    if self.top_k < 1:
+      raise ValueError(f"teacher.top_k={self.top_k} must be >= 1")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+  """A training run. The three methods are one trainer: num_views = 0 (naive distillation),
+  1 with one budget (single-budget), M over a budget range (BudgetDraft multi-view)."""
+
+  workdir: str
+  variant: str = ""
+  checkpoint: str = ""             # the verifier; "" = the embedded SmolLM2-135M-Instruct GGUF
+  dataset: str = "long_books"
+  data_dir: str = "data"
+  split: str = "train"
+  seed: int = 0
+
+  drafter_layers: int = 6          # drafter = the verifier's first k layers (+ shared embed / head)
+  prompt_len: int = 1024           # compression point P inside each training sequence
+  continuation: int = 256          # C positions after P carry the losses
+  batch_size: int = 1
+  steps: int = 100
+
+  learning_rate: float = 3e-4
+  warmup_steps: int = 10
+  weight_decay: float = 0.0
+  grad_clip: float = 1.0
+  kl_weight: float = 0.5           # forward-KL share of the divergence (gradient early on)
+
+  sparsity: SparsityConfig = SparsityConfig(budget=None)  # the inference selection of the views
+  gamma: int = 4                   # views see the last recent + gamma tokens, like the ring
+  budgets: tuple[int, ...] = (128, 256, 512)
+  num_views: int = 2               # M budgets sampled per step (0 = the full branch alone)
+  sparse_weight: float = 1.0       # lambda in L_full + lambda * mean_B L_sparse(B)
+
+  teacher: TeacherConfig = TeacherConfig()
+  log_every: int = 10
+  checkpoint_every: int = 20
+
+  def __post_init__(self):
+    for name in ("drafter_layers", "prompt_len", "continuation", "batch_size", "steps", "gamma",
+                 "log_every", "checkpoint_every"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.sparsity.budget is not None:
+      raise ValueError("sparsity.budget must be unset: the views' budgets come from `budgets`")
+    if self.num_views < 0:
+      raise ValueError(f"num_views={self.num_views} must be >= 0")
+    if self.num_views:
+      if not self.budgets:
+        raise ValueError("the budget list is empty; give at least one budget")
+      for budget in self.budgets:
+        self.sparsity.check_budget(budget)
+      if max(self.budgets) >= self.prompt_len:
+        raise ValueError(f"budget {max(self.budgets)} keeps the whole {self.prompt_len}-token "
+                         "prompt (that is the full-cache branch); use budgets below prompt_len")
+      if self.sparse_weight < 0:
+        raise ValueError(f"sparse_weight (lambda)={self.sparse_weight} must be >= 0")
+
+  @classmethod
+  def from_dict(cls, values: Mapping) -> "TrainConfig":
+    """From an ml_collections ConfigDict (or a plain mapping) with the fields of this class."""
+    values = dict(values.to_dict() if hasattr(values, "to_dict") else values)
+    unknown = sorted(set(values) - {field.name for field in dataclasses.fields(cls)})
+    if unknown:
+      raise ValueError(f"unknown training config fields {unknown}")
+    values["sparsity"] = SparsityConfig(budget=None, **values.get("sparsity", {}))
+    values["teacher"] = TeacherConfig(**values.get("teacher", {}))
+    values["budgets"] = tuple(values.get("budgets", cls.budgets))
+    return cls(**values)
+
+  @property
+  def ring_size(self) -> int:
+    return self.sparsity.ring_size(self.gamma)
+
+  @property
+  def sequence_len(self) -> int:
+    return self.prompt_len + self.continuation
+
+  def check_against(self, verifier_config: ModelConfig, sequence_len: int) -> None:
+    """The checks that need the verifier and the data."""
+    if sequence_len != self.sequence_len:
+      raise ValueError(f"sequences have {sequence_len} tokens, but prompt_len + continuation = "
+                       f"{self.prompt_len} + {self.continuation}")
+    if sequence_len > verifier_config.max_context:
+      raise ValueError(f"training sequences of {sequence_len} tokens exceed the verifier's "
+                       f"context of {verifier_config.max_context}")
+    if self.teacher.top_k > verifier_config.vocab_size:
+      raise ValueError(f"teacher.top_k={self.teacher.top_k} must be in [1, vocab size "
+                       f"{verifier_config.vocab_size}]")
+    if self.drafter_layers > verifier_config.num_layers:
+      raise ValueError(f"drafter_layers={self.drafter_layers} exceeds the verifier's "
+                       f"{verifier_config.num_layers} layers")
