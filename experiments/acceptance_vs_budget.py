@@ -25,6 +25,8 @@ def main(argv):
   sparsity = SparsityConfig(budget=None, **cfg.sparsity)
   for budget in cfg.budgets:
     sparsity.check_budget(budget)
+  for _, source in cfg.drafters:
+    drafters.check(source)
   verifier = checkpoint_io.load(cfg.checkpoint)
   drafter_models = {label: drafters.load(source, verifier.config, verifier.params)
                     for label, source in cfg.drafters}

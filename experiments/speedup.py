@@ -11,6 +11,7 @@ import dataclasses
 from absl import app, flags
 from ml_collections import config_flags
 
+from budgetdraft import drafters
 from budgetdraft.data import packing
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
@@ -33,6 +34,8 @@ def main(argv):
       sparsity=None if row["policy"] is None else dataclasses.replace(
           shared, policy=row["policy"], budget=row["budget"])))
       for row in cfg.rows]
+  for variant in variants:
+    drafters.check(variant.drafter)
   prompt_lengths = {context: speedup.prompt_length(context, variants) for context in cfg.contexts}
   verifier = checkpoint_io.load(cfg.checkpoint)
   prompts = {context: packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split,
@@ -45,13 +48,17 @@ def main(argv):
   notes = (f"Verifier {verifier.name}, batch 1, {cfg.max_new_tokens} new tokens, gamma="
            f"{cfg.gamma}, temperature {cfg.temperature}, {cfg.num_prompts} prompt(s) per context "
            f"from {cfg.dataset}/{cfg.split}. Speedups are AR time / speculative time measured in "
-           "this run; e2e includes both prefills (and KV selection). ms/round is the measured "
+           "this run; `= AR`: the greedy speculative tokens equal AR's, token for token. e2e "
+           "includes both prefills (and KV selection). ms/round is the measured "
            "decode loop time per verifier call; draft share is the drafter's fraction of one "
            "round, estimated from a draft phase and a verify phase timed on their own "
            "(standalone phases run ~2x slower than inside the loop, so only their ratio is used).")
   print(results.write(path, f"Speculative decoding speedup ({cfg.variant})", rows, notes,
                       with_csv=True))
   speedup.plot(rows, path + ".png")
+  if mismatched := speedup.greedy_mismatches(rows):
+    raise RuntimeError(f"greedy speculative tokens differ from AR's in {mismatched}: a "
+                       f"losslessness bug; the table is in {path}.md")
 
 
 if __name__ == "__main__":

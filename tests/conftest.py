@@ -1,5 +1,6 @@
 """Shared fixtures: tiny random models for algorithms, the real SmolLM2 verifier for end-to-end checks."""
 
+import gc
 import os
 
 import jax
@@ -10,6 +11,16 @@ from budgetdraft.models.config import get_config
 from budgetdraft.models.transformer import init_params
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture(autouse=True, scope="module")
+def release_compiled_programs():
+  """Frees each test module's compiled programs when it ends. XLA:CPU maps compiled code into
+  memory regions that live as long as the program is cached; the whole suite's programs would
+  exceed the kernel's limit on mappings (vm.max_map_count, 65530) and crash the compiler."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 @pytest.fixture(scope="session")

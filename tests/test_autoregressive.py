@@ -90,3 +90,32 @@ def test_rejects_requests_beyond_the_context(tiny_model):
     autoregressive.generate(params, [[]], jax.random.key(0), config=config, max_new_tokens=3)
   with pytest.raises(ValueError, match="temperature"):
     SamplingConfig(temperature=-1.0)
+
+
+@pytest.mark.parametrize("prompt, pad_id, eos_id, message", [
+    ([3, 256, 4], 0, None, "prompt 1 holds token id 256 at position 1"),
+    ([3, -1], 0, None, "token id -1 at position 1"),
+    ([3, 4], 256, None, "pad_id=256 is not a token id"),
+    ([3, 4], -2, None, "pad_id=-2"),
+    ([3, 4], 0, 300, "eos_id=300"),
+])
+def test_rejects_ids_outside_the_vocabulary(tiny_model, prompt, pad_id, eos_id, message):
+  config, params = tiny_model  # vocabulary of 256
+  with pytest.raises(ValueError, match=message):
+    autoregressive.generate(params, [[5, 6], prompt], jax.random.key(0), config=config,
+                            max_new_tokens=2, pad_id=pad_id, eos_id=eos_id)
+
+
+@pytest.mark.parametrize("fields", [dict(temperature=float("nan")), dict(temperature=float("inf")),
+                                    dict(top_p=float("nan"))])
+def test_rejects_non_finite_sampling_settings(fields):
+  with pytest.raises(ValueError, match="temperature|top_p"):
+    SamplingConfig(**fields)
+
+
+def test_zero_new_tokens_is_an_error(tiny_model):
+  """AR and speculative decoding agree: max_new_tokens must be >= 1."""
+  config, params = tiny_model
+  with pytest.raises(ValueError, match="max_new_tokens=0"):
+    autoregressive.generate(params, [[1, 2, 3]], jax.random.key(0), config=config,
+                            max_new_tokens=0)

@@ -2,8 +2,9 @@
 
 import pytest
 
+from budgetdraft import verification
 from configs import (acceptance_vs_budget, bench_decode, bench_kernels, budgetdraft_smollm2,
-                     speedup, verification_table)
+                     rule_efficiency, speedup, verification_table)
 
 SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", "prefill_chunk",
                   "sparsity"}
@@ -22,8 +23,14 @@ def test_acceptance_vs_budget_config():
   assert cfg.max_new_tokens <= cfg.sparsity.recent  # the greedy path must fit the drafter's ring
 
 
+def test_rule_efficiency_config_names_registered_rules():
+  cfg = rule_efficiency.get_config()
+  assert {rule for rule, _ in cfg.rules} <= set(verification.RULES)
+  assert {"gbv", "residual_bv"} <= {rule for rule, _ in cfg.rules}
+
+
 @pytest.mark.parametrize("module", [speedup, acceptance_vs_budget, bench_decode, bench_kernels,
-                                    budgetdraft_smollm2, verification_table])
+                                    budgetdraft_smollm2, rule_efficiency, verification_table])
 def test_unknown_variants_fail_clearly(module):
   with pytest.raises(ValueError, match="unknown"):
     module.get_config("nope")

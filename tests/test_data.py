@@ -1,12 +1,13 @@
 """Data: packing without cross-document leakage, readers for every dataset, the prepared long_books."""
 
+import io
 import json
 import os
 
 import numpy as np
 import pytest
 
-from budgetdraft.data import long_books, packing, readers
+from budgetdraft.data import long_books, packing, readers, sources
 
 
 def test_sequences_never_cross_documents():
@@ -69,6 +70,38 @@ def test_missing_datasets_fail_clearly(tmp_path):
     list(readers.documents("longbench", str(tmp_path), "test"))
   with pytest.raises(ValueError, match="unknown dataset"):
     readers.documents("c4", str(tmp_path), "train")
+  os.makedirs(tmp_path / "long_books")  # an interrupted preparation: the folder, no dataset
+  with pytest.raises(FileNotFoundError, match="long_books is not prepared under .*make data"):
+    list(readers.documents("long_books", str(tmp_path), "train"))
+  with pytest.raises(FileNotFoundError, match="pg19 is not prepared under .*tfds build pg19"):
+    list(readers.documents("pg19", str(tmp_path), "train"))
+
+
+def test_a_corrupted_dataset_file_is_named(tmp_path):
+  raw = tmp_path / "raw" / "a"
+  os.makedirs(raw)
+  for i in range(12):  # enough that both splits get documents
+    (raw / f"doc{i}.txt").write_text("word " * 500)
+  long_books.prepare(str(tmp_path / "raw"), str(tmp_path))
+  for path in (tmp_path / "long_books").rglob("*array_record*"):
+    path.write_bytes(path.read_bytes()[:64])
+  with pytest.raises(ValueError, match="long_books under .* is unreadable.*make data"):
+    list(readers.documents("long_books", str(tmp_path), "train"))
+
+
+def test_source_archives_are_refused_unless_their_hash_is_the_pinned_one(tmp_path, monkeypatch):
+  class FakeResponse(io.BytesIO):
+    def __enter__(self):
+      return self
+
+    def __exit__(self, *args):
+      return False
+
+  monkeypatch.setattr(sources.urllib.request, "urlopen",
+                      lambda url, timeout: FakeResponse(b"not the archive"))
+  with pytest.raises(ValueError, match="SHA-256 .* is not the pinned"):
+    sources.fetch_shakespeare(str(tmp_path))
+  assert not os.listdir(tmp_path)
 
 
 def test_prepared_long_books_has_long_held_out_documents(data_dir):

@@ -64,6 +64,12 @@ def test_bad_sparsity_configs_fail_clearly():
     selection.SparsityConfig(policy="magic")
 
 
+@pytest.mark.parametrize("field", ["pool", "observation", "lookahead", "score_chunk", "recent"])
+def test_zero_sizes_fail_at_the_config_not_deep_in_jax(field):
+  with pytest.raises(ValueError, match=f"{field}=0 must be >= 1"):
+    selection.SparsityConfig(**{field: 0})
+
+
 def test_snapkv_finds_planted_high_attention_keys():
   """A 1-layer model whose queries all point at one token's key: SnapKV must keep that token."""
   config = get_config("tiny-untied", num_layers=1, rope_theta=1e9, attention_block=64)

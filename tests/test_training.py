@@ -3,6 +3,10 @@
 import dataclasses
 import json
 import os
+import shutil
+import signal
+import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -18,13 +22,17 @@ from configs import budgetdraft_smollm2
 PROMPT_LEN, CONTINUATION = 48, 16
 
 
-@pytest.fixture(scope="module")
-def tiny_teacher():
+def make_tiny_teacher():
   """A 3-layer random teacher with peaked next-token laws (scaled embeddings)."""
   config = dataclasses.replace(get_config("tiny"), num_layers=3)
   params = init_params(config, jax.random.key(7))
   params["embed"]["embedding"] = params["embed"]["embedding"] * 20
   return config, params
+
+
+@pytest.fixture(scope="module")
+def tiny_teacher():
+  return make_tiny_teacher()
 
 
 def _sequences(vocab_size, count=8):
@@ -124,3 +132,161 @@ def test_shipped_configs_are_valid_for_smollm2(variant):
   cfg = TrainConfig.from_dict(budgetdraft_smollm2.get_config(variant))
   cfg.check_against(get_config("smollm2-135m"), cfg.prompt_len + cfg.continuation)
   assert (cfg.num_views == 0) == (variant == "naive")
+
+
+# ------------------------------------------------------------------ workdirs, resume, corruption
+
+
+def _metrics_steps(workdir):
+  return [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
+
+
+def test_resuming_under_another_config_is_refused_naming_the_fields(tiny_teacher, tmp_path):
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size)
+  workdir = str(tmp_path / "run")
+  trainer.train(_config(steps=6, workdir=workdir), config, params, sequences, stop_after=3)
+  changed = _config("naive", steps=6, workdir=workdir, learning_rate=1e-3, seed=1)
+  with pytest.raises(ValueError, match="num_views 2 -> 0.*seed 0 -> 1|learning_rate.*num_views"):
+    trainer.train(changed, config, params, sequences)
+  assert _metrics_steps(workdir) == [0, 1, 2]  # nothing was written by the refused run
+  with pytest.raises(ValueError, match="learning_rate 0.003 -> 0.001"):
+    trainer.train(changed, config, params, sequences)
+  allowed = dataclasses.replace(changed, allow_config_change=True)
+  assert [h["step"] for h in trainer.train(allowed, config, params, sequences)] == [3, 4, 5]
+
+
+def test_a_workdir_holding_another_runs_drafter_is_refused_before_training(tiny_teacher, tmp_path):
+  config, params = tiny_teacher
+  (tmp_path / "drafter").mkdir()
+  (tmp_path / "metrics.jsonl").write_text('{"step": 0}\n')
+  with pytest.raises(ValueError, match="holds \\['metrics.jsonl', 'drafter'\\] of a run"):
+    trainer.train(_config(steps=4, workdir=str(tmp_path)), config, params,
+                  _sequences(config.vocab_size))
+  assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 0}\n'
+  assert sorted(os.listdir(tmp_path)) == ["drafter", "metrics.jsonl"]
+
+
+def test_extending_a_finished_run_keeps_the_earlier_drafter(tiny_teacher, tmp_path):
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size)
+  workdir = str(tmp_path)
+  trainer.train(_config(steps=4, checkpoint_every=2, workdir=workdir), config, params, sequences)
+  assert drafters.read_metadata(os.path.join(workdir, "drafter"))["steps"] == 4
+  # Rerunning the finished run trains nothing and leaves its drafter as it is.
+  assert trainer.train(_config(steps=4, checkpoint_every=2, workdir=workdir), config, params,
+                       sequences) == []
+  extended = trainer.train(_config(steps=6, checkpoint_every=2, workdir=workdir), config, params,
+                           sequences)
+  assert [h["step"] for h in extended] == [4, 5]
+  assert drafters.read_metadata(os.path.join(workdir, "drafter"))["steps"] == 6
+  assert drafters.read_metadata(os.path.join(workdir, "drafter-step4"))["steps"] == 4
+  assert _metrics_steps(workdir) == list(range(6))
+  # A deleted export comes back by rerunning the command.
+  shutil.rmtree(os.path.join(workdir, "drafter"))
+  trainer.train(_config(steps=6, checkpoint_every=2, workdir=workdir), config, params, sequences)
+  assert drafters.load(f"trained:{workdir}", config, params)[0].num_layers == 1
+
+
+@pytest.fixture(scope="module")
+def straight_run(tiny_teacher, tmp_path_factory):
+  """(per-step metrics, workdir) of an uninterrupted 8-step run, checkpointed every 2 steps."""
+  config, params = tiny_teacher
+  workdir = str(tmp_path_factory.mktemp("straight"))
+  history = trainer.train(_config(steps=8, checkpoint_every=2, workdir=workdir), config, params,
+                          _sequences(config.vocab_size, count=5))
+  return history, workdir
+
+
+def test_an_unreadable_latest_checkpoint_falls_back_to_the_older_one(tiny_teacher, straight_run,
+                                                                     tmp_path):
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size, count=5)
+  straight, _ = straight_run
+  workdir = str(tmp_path / "b")
+  cfg = _config(steps=8, checkpoint_every=2, workdir=workdir)
+  trainer.train(cfg, config, params, sequences, stop_after=6)  # checkpoints at steps 4 and 6
+  latest = os.path.join(workdir, "checkpoints", "6")
+  for root, _, files in os.walk(latest):
+    for name in files:
+      with open(os.path.join(root, name), "r+b") as f:
+        f.truncate(os.path.getsize(os.path.join(root, name)) // 2)
+  resumed = trainer.train(cfg, config, params, sequences)
+  assert [h["step"] for h in resumed] == [4, 5, 6, 7]
+  assert os.path.isdir(os.path.join(workdir, "unreadable_checkpoints", "6"))
+  for a, b in zip(straight[4:], resumed):
+    np.testing.assert_array_equal(a["loss"], b["loss"])
+
+
+def test_a_drafter_refuses_another_verifier_and_corruption_is_named(tiny_teacher, tmp_path):
+  config, params = tiny_teacher
+  workdir = str(tmp_path)
+  trainer.train(_config(steps=2, workdir=workdir), config, params, _sequences(config.vocab_size))
+  other = jax.tree.map(lambda x: x * 1.01, params)  # same shapes, other weights
+  with pytest.raises(ValueError, match="was trained for verifier .* not for the given one"):
+    drafters.load(f"trained:{workdir}", config, other)
+  params_dir = os.path.join(workdir, "drafter", "params")
+  for root, _, files in os.walk(params_dir):
+    for name in files:
+      open(os.path.join(root, name), "wb").close()
+  with pytest.raises(ValueError, match="drafter params in .* are unreadable"):
+    drafters.load(f"trained:{workdir}", config, params)
+  with open(os.path.join(workdir, "drafter", "drafter.json"), "w") as f:
+    f.write("{not json")
+  with pytest.raises(ValueError, match="drafter.json is unreadable"):
+    drafters.load(f"trained:{workdir}", config, params)
+
+
+def test_a_corrupted_teacher_cache_is_named(tiny_teacher, tmp_path):
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size, count=4)
+  cfg = _config(steps=2, workdir=str(tmp_path / "a"))
+  cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher,
+                                                             cache_dir=str(tmp_path / "t")))
+  trainer.train(cfg, config, params, sequences)
+  records = tmp_path / "t" / "targets.array_record"
+  records.write_bytes(records.read_bytes()[:100])
+  with pytest.raises(ValueError, match="teacher cache .* is unreadable.*delete"):
+    trainer.train(dataclasses.replace(cfg, workdir=str(tmp_path / "b")), config, params,
+                  sequences)
+
+
+_KILLED_DURING_SAVE = """
+import os, signal, sys
+from orbax.checkpoint._src.path import atomicity
+from tests import test_training as t
+
+finalize = atomicity.AtomicRenameTemporaryPath.finalize
+
+async def finalize_or_die(self):  # the rename that commits a checkpoint: die just before it
+  if os.path.basename(str(self._final_path)) == sys.argv[2]:
+    os.kill(os.getpid(), signal.SIGKILL)
+  return await finalize(self)
+
+atomicity.AtomicRenameTemporaryPath.finalize = finalize_or_die
+config, params = t.make_tiny_teacher()
+t.trainer.train(t._config(steps=8, checkpoint_every=2, workdir=sys.argv[1]), config, params,
+                t._sequences(config.vocab_size, count=5))
+"""
+
+
+def test_a_run_killed_during_a_checkpoint_save_resumes_identically(tiny_teacher, straight_run,
+                                                                  tmp_path):
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size, count=5)
+  straight, straight_workdir = straight_run
+  workdir = str(tmp_path / "b")
+  killed = subprocess.run([sys.executable, "-c", _KILLED_DURING_SAVE, workdir, "6"],
+                          cwd=os.path.dirname(os.path.dirname(__file__)), capture_output=True,
+                          text=True, timeout=600)
+  assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "6"))  # never committed
+  resumed = trainer.train(_config(steps=8, checkpoint_every=2, workdir=workdir), config, params,
+                          sequences)
+  assert [h["step"] for h in resumed] == [4, 5, 6, 7]
+  for a, b in zip(straight[4:], resumed):
+    np.testing.assert_array_equal(a["loss"], b["loss"])
+  assert _metrics_steps(workdir) == list(range(8))
+  ours = drafters.load(f"trained:{workdir}", config, params)[1]
+  theirs = drafters.load(f"trained:{straight_workdir}", config, params)[1]
+  jax.tree.map(np.testing.assert_array_equal, ours, theirs)

@@ -9,10 +9,11 @@ import pytest
 from scipy import stats
 
 from budgetdraft import verification
-from budgetdraft.verification import block, exact, greedy, lp, multipath, tokenwise
+from budgetdraft.verification import block, exact, gbv, greedy, lp, multipath, tokenwise
 
-SINGLE_PATH = ["tokenwise", "block", "specinfer", "gbv"]
-MULTI_PATH = ["specinfer", "gbv"]
+SINGLE_PATH = ["tokenwise", "block", "specinfer", "residual_bv", "gbv"]
+MULTI_PATH = ["specinfer", "residual_bv", "gbv"]
+TOY_P, TOY_Q = np.array([1 / 3, 2 / 3]), np.array([2 / 3, 1 / 3])  # the BV paper's toy example
 EXACT_CASES = [(seed, vocab, gamma, mix) for seed, (vocab, gamma), mix in zip(
     range(6), [(3, 1), (3, 2), (4, 3), (5, 2), (3, 3), (4, 2)], [0.3, 0.9, 0.6, 0.5, 1.0, 0.1])]
 
@@ -46,20 +47,95 @@ def test_block_verification_attains_the_lp_optimum(seed, vocab, gamma, mix):
 
 @pytest.mark.parametrize("seed,vocab,gamma,num_paths", [(0, 3, 2, 2), (1, 3, 2, 3), (5, 4, 2, 2)])
 def test_multi_path_ordering(seed, vocab, gamma, num_paths):
-  """BV <= GBV <= LP optimum with K paths, and SpecInfer <= LP optimum."""
+  """BV <= residual BV <= LP optimum with K paths; SpecInfer and GBV <= LP optimum."""
   pair = exact.random_markov_pair(seed, vocab, mix=0.7)
   _, block_accepted = exact.emitted_law(pair, "block", gamma)
-  _, gbv_accepted = exact.emitted_law(pair, "gbv", gamma, num_paths)
-  _, specinfer_accepted = exact.emitted_law(pair, "specinfer", gamma, num_paths)
+  _, residual_accepted = exact.emitted_law(pair, "residual_bv", gamma, num_paths)
   optimum = lp.optimal_expected_accepted(pair, gamma, num_paths)
-  assert block_accepted + 1e-3 < gbv_accepted <= optimum + 1e-6
-  assert specinfer_accepted <= optimum + 1e-6
+  assert block_accepted + 1e-3 < residual_accepted <= optimum + 1e-6
+  for method in ("specinfer", "gbv"):
+    assert exact.emitted_law(pair, method, gamma, num_paths)[1] <= optimum + 1e-6
+
+
+# Prefix-dependent laws (every prefix has its own rows), dense and sparse (zeros in p and q).
+PREFIX_CASES = [  # (seed, vocab, support, gamma, num_paths): at most ~7K drafts each
+    (0, 3, None, 1, 4), (1, 3, None, 2, 3), (2, 2, None, 3, 4), (3, 3, None, 3, 2),
+    (4, 4, 2, 2, 2), (5, 4, 3, 1, 3), (6, 3, 2, 2, 4), (7, 4, 2, 3, 2)]
+
+
+@pytest.mark.parametrize("seed,vocab,support,gamma,num_paths", PREFIX_CASES)
+@pytest.mark.parametrize("method", MULTI_PATH)
+def test_multi_path_rules_are_lossless_on_prefix_dependent_and_sparse_laws(
+    method, seed, vocab, support, gamma, num_paths):
+  pair = exact.PrefixPair(seed, vocab, mix=0.6, support=support)
+  law, _ = exact.emitted_law(pair, method, gamma, num_paths)
+  assert exact.total_variation(law, exact.target_law(pair, gamma + 1)) < 1e-6
+
+
+@pytest.mark.parametrize("seed,vocab,support,gamma", [(0, 3, None, 3), (1, 4, 2, 2)])
+@pytest.mark.parametrize("method", ["tokenwise", "block"])
+def test_single_path_rules_are_lossless_on_prefix_dependent_and_sparse_laws(
+    method, seed, vocab, support, gamma):
+  pair = exact.PrefixPair(seed, vocab, mix=0.6, support=support)
+  law, _ = exact.emitted_law(pair, method, gamma)
+  assert exact.total_variation(law, exact.target_law(pair, gamma + 1)) < 1e-6
+
+
+def test_gbv_attains_the_lp_optimum_on_the_bv_toy_example():
+  """Published value: 2.6173 tokens per call with K = 2 (131/81 accepted), the 2-path LP optimum;
+  SpecInfer 2.3333 and sequential residual BV 2.4198 on the same example."""
+  toy = exact.iid_pair(TOY_P, TOY_Q)
+  tokens_per_call = lambda method: 1 + exact.emitted_law(toy, method, 2, 2)[1]
+  assert tokens_per_call("gbv") == pytest.approx(1 + 131 / 81, abs=1e-6)
+  assert 1 + lp.optimal_expected_accepted(toy, 2, 2) == pytest.approx(1 + 131 / 81, abs=1e-6)
+  assert tokens_per_call("specinfer") == pytest.approx(2.3333, abs=1e-4)
+  assert tokens_per_call("residual_bv") == pytest.approx(2.4198, abs=1e-4)
+
+
+def _lexicographic_max_law(pair, gamma, num_paths):
+  """{path: P(the selected path is path)} by brute force over every K-tuple of i.i.d. drafts."""
+  paths = list(itertools.product(range(pair.vocab_size), repeat=gamma))
+  prob = {x: np.prod([pair.q(x[:i])[x[i]] for i in range(gamma)]) for x in paths}
+
+  def key(x):  # the ranking of GBV: lexicographic in (min(1, p/q), token id) node by node
+    return tuple((min(1.0, pair.p(x[:i])[x[i]] / pair.q(x[:i])[x[i]]), x[i]) for i in range(gamma))
+
+  law = {}
+  for combo in itertools.product(paths, repeat=num_paths):
+    mass = np.prod([prob[x] for x in combo])
+    if mass > 0:
+      best = max(combo, key=key)
+      law[best] = law.get(best, 0.0) + mass
+  return law
+
+
+@pytest.mark.parametrize("seed,vocab,support,gamma,num_paths", [(0, 3, None, 2, 3), (1, 4, 3, 2, 2),
+                                                                (2, 2, None, 3, 4)])
+def test_selected_path_law_is_the_law_of_the_lexicographic_max(seed, vocab, support, gamma,
+                                                               num_paths):
+  pair = exact.PrefixPair(seed, vocab, mix=0.6, support=support)
+  for path, expected in _lexicographic_max_law(pair, gamma, num_paths).items():
+    q_rows, p_rows = exact.path_rows(pair, path)
+    q_selected = np.asarray(gbv.selected_path_law(jnp.array(path), jnp.asarray(q_rows, jnp.float32),
+                                                  jnp.asarray(p_rows, jnp.float32), num_paths))
+    np.testing.assert_allclose(q_selected.sum(-1), 1.0, atol=1e-5)
+    law = np.prod([q_selected[i, path[i]] for i in range(gamma)])
+    assert law == pytest.approx(expected, abs=2e-6), path
+
+
+def test_selected_path_law_is_stable_along_improbable_paths():
+  """Draft prefix mass 1e-6 per step over 8 steps (1e-48 < float32's range): rows stay normalized."""
+  vocab, gamma = 5, 8
+  q = jnp.tile(jnp.array([1e-6, 0.25, 0.25, 0.25, 0.25 - 1e-6]), (gamma, 1))
+  p = jnp.tile(jnp.array([0.3, 0.1, 0.2, 0.2, 0.2]), (gamma + 1, 1))
+  rows = np.asarray(gbv.selected_path_law(jnp.zeros((gamma,), jnp.int32), q, p, num_paths=4))
+  assert np.all(np.isfinite(rows)) and np.allclose(rows.sum(-1), 1.0, atol=1e-5)
+  assert rows.shape == (gamma, vocab)
 
 
 def test_paper_example_token_vs_block():
   """Sun et al.'s example: q = (2/3, 1/3), p = (1/3, 2/3), gamma = 2 gives 10/9 vs 11/9."""
-  q, p = np.array([2 / 3, 1 / 3]), np.array([1 / 3, 2 / 3])
-  pair = exact.MarkovPair(target=np.stack([p, p]), draft=np.stack([q, q]), context=0)
+  pair = exact.iid_pair(TOY_P, TOY_Q)
   assert exact.emitted_law(pair, "tokenwise", 2)[1] == pytest.approx(10 / 9, abs=1e-6)
   assert exact.emitted_law(pair, "block", 2)[1] == pytest.approx(11 / 9, abs=1e-6)
 
@@ -85,7 +161,8 @@ def _sample_drafts(pair, num_samples, num_paths, gamma, rng):
 @pytest.mark.parametrize("rule,num_paths", [(tokenwise.verify_tokenwise, 1),
                                             (block.verify_block, 1),
                                             (multipath.verify_specinfer, 3),
-                                            (multipath.verify_gbv, 3)])
+                                            (multipath.verify_residual_bv, 3),
+                                            (gbv.verify_gbv, 3)])
 def test_sampled_rules_match_target_on_a_larger_vocabulary(rule, num_paths):
   """Chi-square (p > 1e-3, fixed seeds) on a 64-token vocabulary: with a fresh draft and key per
   sample, the first output token follows the target's first-position law."""
@@ -179,11 +256,13 @@ def test_greedy_multipath_prefers_the_longest_match():
   assert (int(num_accepted), int(token), int(path)) == (3, 4, 2)
 
 
-def test_gbv_with_one_path_is_block_verification():
+def test_multi_path_block_rules_with_one_path_are_block_verification():
   pair = exact.random_markov_pair(3, 4, mix=0.8)
   drafts, _, q, p = exact.all_drafts(pair, 2, 1)
   for draft, qq, pp in itertools.islice(zip(drafts, q, p), 0, None, 5):
-    outcomes = multipath.gbv_outcomes(draft, qq, pp)
+    residual = multipath.residual_bv_outcomes(draft, qq, pp)
+    gbv_stop_probs, _ = gbv.gbv_law(jnp.asarray(draft), qq, pp)
     stop_probs, _ = block.block_law(jnp.asarray(draft[0]), qq[0], pp[0])
     for k in range(3):
-      assert outcomes.get((0, k), (0.0,))[0] == pytest.approx(float(stop_probs[k]), abs=1e-6)
+      assert residual.get((0, k), (0.0,))[0] == pytest.approx(float(stop_probs[k]), abs=1e-6)
+      assert float(gbv_stop_probs[0, k]) == pytest.approx(float(stop_probs[k]), abs=1e-6)

@@ -29,11 +29,19 @@ def _as_str(value) -> str:
   return value.decode("utf-8") if isinstance(value, bytes) else str(value)
 
 
-def _tfds_documents(builder, split: str, text_key: str, id_key: str) -> Iterator[Document]:
-  source = builder.as_data_source(split=split)
-  for i in range(len(source)):
-    example = source[i]
-    yield Document(_as_str(example[id_key]), _as_str(example[text_key]))
+def _tfds_documents(builder, split: str, text_key: str, id_key: str,
+                    fix: str) -> Iterator[Document]:
+  """Documents of a prepared TFDS array_record dataset; `fix` says how to (re)build it."""
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"{builder.name} is not prepared under {builder.data_dir}: {fix}")
+  try:
+    source = builder.as_data_source(split=split)
+    for i in range(len(source)):
+      example = source[i]
+      yield Document(_as_str(example[id_key]), _as_str(example[text_key]))
+  except (RuntimeError, OSError, ValueError) as e:  # Riegeli / array_record errors
+    raise ValueError(f"{builder.name} under {builder.data_dir} is unreadable "
+                     f"({type(e).__name__}: {e}); {fix}") from e
 
 
 def _pg19(data_dir: str, split: str) -> Iterator[Document]:
@@ -43,12 +51,13 @@ def _pg19(data_dir: str, split: str) -> Iterator[Document]:
       with open(path, encoding="utf-8") as f:
         yield Document(os.path.basename(path)[:-4], f.read())
     return
+  fix = (f"expected {text_dir}/*.txt or a TFDS pg19 build (`tfds build pg19 "
+         f"--data_dir={data_dir} --file_format=array_record`)")
   try:
     builder = tfds.builder("pg19", data_dir=data_dir)
   except Exception as e:
-    raise FileNotFoundError(f"no PG-19 under {data_dir}: expected {text_dir}/*.txt or a TFDS "
-                            f"pg19 build ({e})") from e
-  yield from _tfds_documents(builder, split, "book_text", "book_title")
+    raise FileNotFoundError(f"no PG-19 under {data_dir}: {fix} ({e})") from e
+  yield from _tfds_documents(builder, split, "book_text", "book_title", fix)
 
 
 def _longbench(data_dir: str, split: str) -> Iterator[Document]:
@@ -72,7 +81,9 @@ def documents(dataset: str, data_dir: str, split: str) -> Iterator[Document]:
     if not os.path.isdir(path):
       raise FileNotFoundError(f"no long_books dataset under {data_dir}; run `make data` or "
                               f"experiments/prepare_data.py --data_dir={data_dir}")
-    return _tfds_documents(LongBooks(data_dir=data_dir), split, "text", "id")
+    fix = (f"rebuild it with `make data` (or experiments/prepare_data.py "
+           f"--data_dir={data_dir}) after deleting {path}")
+    return _tfds_documents(LongBooks(data_dir=data_dir), split, "text", "id", fix)
   if dataset == "pg19":
     return _pg19(data_dir, split)
   if dataset == "longbench":

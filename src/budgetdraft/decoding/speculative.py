@@ -24,7 +24,7 @@ from budgetdraft import verification
 from budgetdraft.decoding import sampling as sampling_lib
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache, SparseKVCache
-from budgetdraft.models.prefill import check_request, pad_prompts, prefill
+from budgetdraft.models.prefill import check_request, pad_prompts, prefill, request_capacity
 from budgetdraft.models.transformer import Transformer
 from budgetdraft.sparsity import selection
 
@@ -46,8 +46,9 @@ class SpeculativeConfig:
   def __post_init__(self):
     if self.rule not in verification.RULES:
       raise ValueError(f"unknown rule {self.rule!r}; valid: {sorted(verification.RULES)}")
-    if self.gamma < 1 or self.num_paths < 1:
-      raise ValueError(f"gamma={self.gamma} and num_paths={self.num_paths} must be >= 1")
+    for name in ("gamma", "num_paths", "max_new_tokens", "prefill_chunk"):
+      if getattr(self, name) < 1:
+        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.num_paths > 1 and self.rule in verification.SINGLE_PATH_RULES:
       multi = sorted(set(verification.RULES) - verification.SINGLE_PATH_RULES)
       raise ValueError(f"rule {self.rule!r} verifies one path; use one of {multi} for "
@@ -56,16 +57,32 @@ class SpeculativeConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RoundStats:
-  """Verifier calls and accepted drafted tokens of speculative runs (add runs with +)."""
+  """The verifier calls of speculative runs: counts[k] = rounds that accepted k drafted tokens
+  (k = 0..gamma). Runs add with +."""
 
-  rounds: int
-  accepted: int
-  gamma: int
+  counts: tuple[int, ...]
+
+  @classmethod
+  def of_rounds(cls, accepted_per_round, gamma: int) -> "RoundStats":
+    return cls(tuple(np.bincount(np.asarray(accepted_per_round, int), minlength=gamma + 1)
+                     .tolist()))
 
   def __add__(self, other: "RoundStats") -> "RoundStats":
-    if other.gamma != self.gamma:
+    if len(other.counts) != len(self.counts):
       raise ValueError(f"cannot add runs with gamma {self.gamma} and {other.gamma}")
-    return RoundStats(self.rounds + other.rounds, self.accepted + other.accepted, self.gamma)
+    return RoundStats(tuple(a + b for a, b in zip(self.counts, other.counts)))
+
+  @property
+  def gamma(self) -> int:
+    return len(self.counts) - 1
+
+  @property
+  def rounds(self) -> int:
+    return sum(self.counts)
+
+  @property
+  def accepted(self) -> int:
+    return sum(k * n for k, n in enumerate(self.counts))
 
   @property
   def acceptance_rate(self) -> float:
@@ -77,6 +94,15 @@ class RoundStats:
     """Block efficiency: tokens emitted per verifier call."""
     return (self.accepted + self.rounds) / max(1, self.rounds)
 
+  @property
+  def tokens_per_call_stderr(self) -> float:
+    """Standard error of `tokens_per_call`, treating rounds as independent draws."""
+    if self.rounds < 2:
+      return float("nan")
+    counts = np.asarray(self.counts)
+    deviation = np.arange(len(counts)) + 1 - self.tokens_per_call
+    return float(np.sqrt((counts * deviation ** 2).sum() / (self.rounds - 1) / self.rounds))
+
 
 @flax.struct.dataclass
 class SpecState:
@@ -87,9 +113,17 @@ class SpecState:
   last_two: jax.Array                    # [B, 2] (previous, last) emitted or prompt tokens
   done: jax.Array                        # [B] hit EOS
   rng: jax.Array
-  rounds: jax.Array                      # scalar: verifier calls so far
-  active_rounds: jax.Array               # [B] rounds in which the row was still generating
-  accepted: jax.Array                    # [B] drafted tokens accepted
+  accepted_counts: jax.Array             # [B, gamma + 1] the row's rounds that accepted k drafts
+
+  @property
+  def active_rounds(self):
+    """[B] rounds in which the row was still generating."""
+    return self.accepted_counts.sum(-1)
+
+  @property
+  def accepted(self):
+    """[B] drafted tokens accepted."""
+    return self.accepted_counts @ jnp.arange(self.accepted_counts.shape[-1])
 
 
 def tree_mask(num_paths: int, gamma: int) -> np.ndarray:
@@ -114,23 +148,39 @@ def _logits(model, params, hidden):
   return model.apply({"params": params}, hidden, method=Transformer.logits)
 
 
-@functools.partial(jax.jit, static_argnames=_STATIC)
-def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
-          verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig):
-  """Prefills both models (compressing the drafter cache) and emits the first token."""
-  batch, prompt_len = prompt.shape
-  capacity = check_request(verifier_config, prompt_len,
-                           spec.max_new_tokens + spec.num_paths * spec.gamma + 1,
-                           spec.prefill_chunk)
-  verifier = Transformer(verifier_config)
-  logits, verifier_cache = prefill(verifier, verifier_params, prompt, prompt_lengths,
+def _new_positions(spec: SpeculativeConfig) -> int:
+  """Cache positions past the prompt: max_new_tokens and a last round's whole draft tree."""
+  return spec.max_new_tokens + spec.num_paths * spec.gamma + 1
+
+
+@functools.partial(jax.jit, static_argnames=("verifier_config", "drafter_config", "capacity",
+                                             "prefill_chunk"))
+def prefill_caches(verifier_params, drafter_params, prompt, prompt_lengths, *,
+                   verifier_config: ModelConfig, drafter_config: ModelConfig, capacity: int,
+                   prefill_chunk: int):
+  """(verifier logits [B, V] after the prompt, verifier cache, drafter's full cache)."""
+  batch = prompt.shape[0]
+  logits, verifier_cache = prefill(Transformer(verifier_config), verifier_params, prompt,
+                                   prompt_lengths,
                                    FullKVCache.init(verifier_config, batch, capacity),
-                                   spec.prefill_chunk)
+                                   prefill_chunk)
+  _, drafter_cache = prefill(Transformer(drafter_config), drafter_params, prompt, prompt_lengths,
+                             FullKVCache.init(drafter_config, batch, capacity), prefill_chunk)
+  return logits, verifier_cache, drafter_cache
+
+
+@functools.partial(jax.jit, static_argnames=("drafter_config", "spec"))
+def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: FullKVCache, prompt,
+          prompt_lengths, rng, *, drafter_config: ModelConfig, spec: SpeculativeConfig):
+  """From prefilled caches (`prefill_caches`): compresses the drafter's cache by the policy and
+  emits the first token. The caches are not changed, so one prefill serves several specs."""
+  batch = prompt.shape[0]
+  needed = request_capacity(prompt.shape[1], _new_positions(spec), spec.prefill_chunk)
+  if verifier_cache.capacity < needed:
+    raise ValueError(f"prefilled caches hold {verifier_cache.capacity} positions; this spec "
+                     f"needs {needed}")
   rng, first_rng, policy_rng = jax.random.split(rng, 3)
   first = sampling_lib.sample(first_rng, sampling_lib.probabilities(logits, spec.sampling))
-
-  _, drafter_cache = prefill(Transformer(drafter_config), drafter_params, prompt, prompt_lengths,
-                             FullKVCache.init(drafter_config, batch, capacity), spec.prefill_chunk)
   if spec.sparsity is not None:
     drafter_cache = selection.sparse_cache(drafter_config, drafter_params, drafter_cache, prompt,
                                            prompt_lengths, spec.sparsity, spec.gamma, policy_rng)
@@ -142,8 +192,20 @@ def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
   return SpecState(verifier_cache=verifier_cache, drafter_cache=drafter_cache,
                    tokens=tokens.at[:, 0].set(first), num_emitted=jnp.ones((batch,), jnp.int32),
                    last_two=jnp.stack([previous, first], axis=1), done=done, rng=rng,
-                   rounds=jnp.zeros((), jnp.int32), active_rounds=jnp.zeros((batch,), jnp.int32),
-                   accepted=jnp.zeros((batch,), jnp.int32))
+                   accepted_counts=jnp.zeros((batch, spec.gamma + 1), jnp.int32))
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
+def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
+          verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig):
+  """Prefills both models (compressing the drafter cache) and emits the first token."""
+  caches = prefill_caches(verifier_params, drafter_params, prompt, prompt_lengths,
+                          verifier_config=verifier_config, drafter_config=drafter_config,
+                          capacity=check_request(verifier_config, prompt.shape[1],
+                                                 _new_positions(spec), spec.prefill_chunk),
+                          prefill_chunk=spec.prefill_chunk)
+  return begin(drafter_params, *caches, prompt, prompt_lengths, rng,
+               drafter_config=drafter_config, spec=spec)
 
 
 def _draft(drafter_config: ModelConfig, drafter_params, cache, last_two, root, rng,
@@ -294,8 +356,8 @@ def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config
     return state.replace(
         verifier_cache=verifier_cache, drafter_cache=drafter_cache, tokens=tokens,
         num_emitted=state.num_emitted + count, last_two=last_two, done=done, rng=rng,
-        rounds=state.rounds + 1, active_rounds=state.active_rounds + running,
-        accepted=state.accepted + num_accepted)
+        accepted_counts=state.accepted_counts + running[:, None] * jax.nn.one_hot(
+            num_accepted, gamma + 1, dtype=jnp.int32))
 
   return jax.lax.while_loop(lambda s: jnp.any(active(s)), round_, state)
 
@@ -306,7 +368,10 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
   if drafter_config.vocab_size != verifier_config.vocab_size:
     raise ValueError(f"drafter vocab {drafter_config.vocab_size} != verifier vocab "
                      f"{verifier_config.vocab_size}: they must share the tokenizer")
-  prompt, lengths = pad_prompts(prompts, spec.pad_id)
+  prompt, lengths = pad_prompts(prompts, spec.pad_id, verifier_config.vocab_size)
+  if spec.eos_id is not None and not 0 <= spec.eos_id < verifier_config.vocab_size:
+    raise ValueError(f"eos_id={spec.eos_id} is not a token id of [0, "
+                     f"{verifier_config.vocab_size})")
   if spec.sparsity is not None and spec.sparsity.window > int(lengths.min()):
     raise ValueError(f"sparsity window {spec.sparsity.window} exceeds the shortest prompt "
                      f"({int(lengths.min())} tokens)")
@@ -320,5 +385,5 @@ def outputs_and_stats(state: SpecState, spec: SpeculativeConfig):
   """(emitted token lists, `RoundStats` summed over the batch) of a finished run."""
   tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
   counts = np.minimum(counts, spec.max_new_tokens)
-  stats = RoundStats(int(np.sum(state.active_rounds)), int(np.sum(state.accepted)), spec.gamma)
+  stats = RoundStats(tuple(np.asarray(state.accepted_counts).sum(0).tolist()))
   return [row[:n].tolist() for row, n in zip(tokens, counts)], stats

@@ -37,13 +37,14 @@ def greedy_rounds(matches: np.ndarray, gamma: int, num_tokens: int) -> RoundStat
   the prefill). Each round drafts gamma tokens from the last emitted one, accepts the matching
   prefix and emits one more token; like the engine, the last round may run past num_tokens.
   """
-  emitted, rounds, accepted = 1, 0, 0
+  emitted, runs = 1, []
   while emitted < num_tokens:
     run = 0
     while run < gamma and emitted - 1 + run < len(matches) and matches[emitted - 1 + run]:
       run += 1
-    rounds, accepted, emitted = rounds + 1, accepted + run, emitted + run + 1
-  return RoundStats(rounds, accepted, gamma)
+    runs.append(run)
+    emitted += run + 1
+  return RoundStats.of_rounds(runs, gamma)
 
 
 def path_statistics(verifier_logits, drafter_logits, greedy_tokens, gamma: int,
@@ -107,7 +108,7 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, bu
         for budget, drafter_logits in zip(budgets, logits(config, params, sparsities)):
           overlap, stats = path_statistics(verifier_logits, drafter_logits, greedy, gamma,
                                            max_new_tokens)
-          total_overlap, total_stats = totals.get((label, budget), (0.0, RoundStats(0, 0, gamma)))
+          total_overlap, total_stats = totals.get((label, budget), (0.0, RoundStats.of_rounds([], gamma)))
           totals[(label, budget)] = (total_overlap + overlap, total_stats + stats)
       logging.info("context %d prompt %d/%d measured in %.0f s", context, prompt_index + 1,
                    len(windows), time.time() - started)

@@ -4,6 +4,7 @@ For each context and variant (drafter, KV policy and budget, verification rule, 
 decode wall time of speculative decoding and of AR decoding, acceptance, tokens per verifier call,
 time per round and the drafter's share of it, KV bytes of both models, and speedup = AR time /
 speculative time (decode phase and end to end). Every time is of an ahead-of-time compiled call.
+Greedy rows also check that the speculative tokens equal the AR tokens of the same run (`= AR`).
 """
 
 import dataclasses
@@ -11,6 +12,7 @@ import dataclasses
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from budgetdraft import drafters as drafters_lib
 from budgetdraft.decoding import autoregressive, speculative
@@ -38,7 +40,8 @@ def prompt_length(context: int, variants: list[Variant]) -> int:
 
 
 def measure_ar(model: Checkpoint, prompt, spec: speculative.SpeculativeConfig):
-  """(prefill s, decode s) of AR decoding with the sampling and lengths of `spec`."""
+  """(prefill s, decode s, emitted tokens [max_new_tokens]) of AR decoding with the sampling and
+  lengths of `spec` (prompt [1, P])."""
   lengths = jnp.array([prompt.shape[1]], jnp.int32)
   static = dict(config=model.config, sampling=spec.sampling, eos_id=None, pad_id=0)
   start = timing.compiled(autoregressive.start, model.params, prompt, lengths, jax.random.key(0),
@@ -46,8 +49,8 @@ def measure_ar(model: Checkpoint, prompt, spec: speculative.SpeculativeConfig):
                           **static)
   state, prefill_s = timing.timed(start, model.params, prompt, lengths, jax.random.key(0))
   decode = timing.compiled(autoregressive.decode, model.params, state, **static)
-  _, decode_s = timing.timed(decode, model.params, state)
-  return prefill_s, decode_s
+  final, decode_s = timing.timed(decode, model.params, state)
+  return prefill_s, decode_s, np.asarray(final.tokens[0]).tolist()
 
 
 def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative.SpeculativeConfig):
@@ -73,10 +76,10 @@ def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative
   verify = timing.compiled(speculative.verify_step, *verify_args(),
                            verifier_config=verifier.config, spec=spec)
   _, verify_s = timing.timed_with_fresh_args(verify, verify_args)
-  _, stats = speculative.outputs_and_stats(final, spec)
+  (tokens,), stats = speculative.outputs_and_stats(final, spec)
   return dict(prefill_s=prefill_s, decode_s=decode_s, draft_s=draft_s, verify_s=verify_s,
               verifier_kv=state.verifier_cache.nbytes(), drafter_kv=state.drafter_cache.nbytes(),
-              stats=stats)
+              stats=stats, tokens=tokens)
 
 
 def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> list[dict]:
@@ -94,11 +97,14 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> lis
       total = lambda key: sum(r[key] for r in runs)
       stats = sum((r["stats"] for r in runs[1:]), runs[0]["stats"])
       decode_s = total("decode_s")
+      same = all(r["tokens"] == a[2] for r, a in zip(runs, ar))
       row = {
           "context": context, "drafter": variant.drafter,
           "policy": spec.sparsity.policy if spec.sparsity else "full KV",
           "budget": spec.sparsity.budget if spec.sparsity else "full", "rule": spec.rule,
-          "paths": spec.num_paths, "acceptance": stats.acceptance_rate,
+          "paths": spec.num_paths,
+          "= AR": ("yes" if same else "NO") if spec.sampling.greedy else "sampled",
+          "acceptance": stats.acceptance_rate,
           "tokens/call": stats.tokens_per_call,
           "ms/round": 1e3 * decode_s / max(1, stats.rounds),
           "draft share": total("draft_s") / (total("draft_s") + total("verify_s")),
@@ -112,6 +118,12 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> lis
       rows.append(row)
       logging.info("%s", row)
   return rows
+
+
+def greedy_mismatches(rows: list[dict]) -> list[str]:
+  """The greedy rows whose speculative tokens differ from AR's (each would be a losslessness bug)."""
+  return [f"{r['drafter']} {r['policy']}@{r['budget']} {r['rule']} K={r['paths']} at {r['context']}"
+          for r in rows if r["= AR"] == "NO"]
 
 
 def plot(rows: list[dict], path: str) -> None:

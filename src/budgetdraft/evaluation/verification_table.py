@@ -1,10 +1,10 @@
-"""Exact block efficiency of every verification rule on synthetic Markov draft/target pairs, with
-the LP optima.
+"""Exact block efficiency of every verification rule, K = 1..4 paths, with the LP optimum.
 
 Exact, not sampled: every draft and every random branch is enumerated (`verification.exact`).
-Block efficiency = expected tokens emitted per verifier call = E[accepted] + 1. The drafter mixes
-the target with an unrelated model (`mix`), which sets the divergence, reported as the mean total
-variation between the two next-token laws.
+Block efficiency = expected tokens emitted per verifier call = E[accepted] + 1. Instances: the BV
+paper's toy example (i.i.d. positions, p = (1/3, 2/3), q = (2/3, 1/3), gamma = 2), then random
+Markov pairs whose drafter mixes the target with an unrelated model (`mix` sets the divergence,
+reported as the mean total variation over the nodes a draft can reach).
 """
 
 from absl import logging
@@ -12,27 +12,40 @@ import numpy as np
 
 from budgetdraft.verification import exact, lp
 
+SINGLE_PATH = {"token-wise": "tokenwise", "BV": "block"}
+MULTI_PATH = {"SpecInfer": "specinfer", "residual BV": "residual_bv", "GBV": "gbv"}
+COLUMNS = (["instance", "K", "TV(q, p)"] + list(SINGLE_PATH) + list(MULTI_PATH) +
+           ["LP optimum"])
 
-def verification_table(*, vocab_size: int, gamma: int, num_paths: int, mixes: list[float],
-                       seeds: int) -> tuple[list[dict], list[str]]:
-  """(rows, column order): one row per mix, each the mean over `seeds` random pairs."""
-  multi = f"K={num_paths}"
-  columns = {"token-wise": ("tokenwise", 1), "block (BV)": ("block", 1),
-             f"SpecInfer {multi}": ("specinfer", num_paths), f"GBV {multi}": ("gbv", num_paths)}
+
+def _rows(name: str, pairs: list, gamma: int, num_paths: list[int]) -> list[dict]:
+  """One row per K: each column the mean over `pairs` (one pair = the exact instance)."""
   rows = []
+  for paths in num_paths:
+    per_pair = []
+    for pair in pairs:
+      result = {column: 1 + exact.emitted_law(pair, method, gamma)[1]
+                for column, method in SINGLE_PATH.items()}
+      result.update({column: 1 + exact.emitted_law(pair, method, gamma, paths)[1]
+                     for column, method in MULTI_PATH.items()})
+      result["LP optimum"] = 1 + lp.optimal_expected_accepted(pair, gamma, paths)
+      result["TV(q, p)"] = exact.mean_total_variation(pair, gamma)
+      per_pair.append(result)
+      logging.info("%s K=%d: %s", name, paths, result)
+    rows.append({"instance": name, "K": paths,
+                 **{key: float(np.mean([r[key] for r in per_pair])) for key in per_pair[0]}})
+  return rows
+
+
+def verification_table(*, vocab_size: int, gamma: int, num_paths: list[int], mixes: list[float],
+                       seeds: int) -> list[dict]:
+  """Rows for the toy example, then for each mix the mean over `seeds` random Markov pairs."""
+  if gamma < 1 or not num_paths or min(num_paths) < 1 or vocab_size < 2 or seeds < 1:
+    raise ValueError(f"gamma={gamma} and num_paths={num_paths} must be >= 1, vocab_size="
+                     f"{vocab_size} >= 2 and seeds={seeds} >= 1")
+  toy = exact.iid_pair(np.array([1 / 3, 2 / 3]), np.array([2 / 3, 1 / 3]))
+  rows = _rows("BV toy example (V=2, gamma=2)", [toy], 2, num_paths)
   for mix in mixes:
-    per_seed = []
-    for seed in range(seeds):
-      pair = exact.random_markov_pair(seed, vocab_size, mix)
-      result = {name: 1 + exact.emitted_law(pair, method, gamma, paths)[1]
-                for name, (method, paths) in columns.items()}
-      result["LP optimum K=1"] = 1 + lp.optimal_expected_accepted(pair, gamma, 1)
-      result[f"LP optimum {multi}"] = 1 + lp.optimal_expected_accepted(pair, gamma, num_paths)
-      result["TV(q, p)"] = 0.5 * float(np.abs(pair.draft - pair.target).sum(-1).mean())
-      per_seed.append(result)
-      logging.info("mix %.2f seed %d: %s", mix, seed, result)
-    row = {"mix": mix}
-    row.update({key: float(np.mean([r[key] for r in per_seed])) for key in per_seed[0]})
-    rows.append(row)
-  order = ["mix", "TV(q, p)"] + list(columns) + ["LP optimum K=1", f"LP optimum {multi}"]
-  return rows, order
+    pairs = [exact.random_markov_pair(seed, vocab_size, mix) for seed in range(seeds)]
+    rows += _rows(f"Markov V={vocab_size}, gamma={gamma}, mix {mix}", pairs, gamma, num_paths)
+  return rows

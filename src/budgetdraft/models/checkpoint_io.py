@@ -8,6 +8,7 @@ Every malformed input raises `CheckpointError` naming the file and the tensor.
 import contextlib
 import dataclasses
 import glob
+import hashlib
 import importlib.util
 import json
 import os
@@ -16,6 +17,7 @@ from typing import Callable
 from absl import logging
 import gguf
 import jax
+import ml_dtypes
 import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import safe_open
@@ -327,10 +329,26 @@ class Checkpoint:
 
 
 def load(path: str = "", **config_overrides) -> Checkpoint:
-  """The checkpoint at `path` ("" = the default verifier, SmolLM2-135M-Instruct) with its tokenizer."""
+  """The checkpoint at `path` ("" = the default verifier, SmolLM2-135M-Instruct), with tokenizer."""
   path = path or default_verifier_path()
   config, params = load_checkpoint(path, **config_overrides)
   return Checkpoint(path, config, params, load_tokenizer(path))
+
+
+def fingerprint(config: ModelConfig, params: dict) -> str:
+  """16 hex digits identifying a model: its shapes and a strided sample of every tensor.
+
+  Samples are hashed in bfloat16, so the same checkpoint loaded in float32 or bfloat16 matches.
+  """
+  digest = hashlib.sha256()
+  for field in ("vocab_size", "dim", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+                "mlp_dim", "rope_theta", "tie_embeddings", "attention_bias"):
+    digest.update(f"{field}={getattr(config, field)};".encode())
+  for path, leaf in jax.tree_util.tree_flatten_with_path(params)[0]:
+    values = np.asarray(leaf).reshape(-1)
+    digest.update(jax.tree_util.keystr(path).encode())
+    digest.update(values[::max(1, values.size // 4096)].astype(ml_dtypes.bfloat16).tobytes())
+  return digest.hexdigest()[:16]
 
 
 def take_layers(config: ModelConfig, params: dict, num_layers: int) -> tuple[ModelConfig, dict]:

@@ -58,7 +58,7 @@ def _causal_if_none(chunk_mask, batch: int, num_new: int):
 
 
 class _Length:
-  """Commit / rollback by length, shared by the full and sparse caches (`length` = next position)."""
+  """Commit / rollback by length (`length` = next position), shared by the full and sparse caches."""
 
   def truncate(self, length):
     """Keeps the first `length` positions of each row."""

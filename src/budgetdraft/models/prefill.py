@@ -71,10 +71,19 @@ def continuation_logits(params, cache: KVCache, continuation, *, config: ModelCo
   return model.apply({"params": params}, hidden, method=Transformer.logits)
 
 
-def pad_prompts(prompts: list[list[int]], pad_id: int):
-  """Right-pads token lists into ([B, T] int32, lengths [B] int32)."""
+def pad_prompts(prompts: list[list[int]], pad_id: int, vocab_size: int):
+  """Right-pads token lists into ([B, T] int32, lengths [B] int32); every id must be a token."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
+  if not 0 <= pad_id < vocab_size:
+    raise ValueError(f"pad_id={pad_id} is not a token id of the model's vocabulary "
+                     f"[0, {vocab_size})")
+  for row, tokens in enumerate(prompts):
+    ids = np.asarray(tokens)
+    bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
+    if bad.size:
+      raise ValueError(f"prompt {row} holds token id {ids[bad[0]]} at position {bad[0]}, outside "
+                       f"the model's vocabulary [0, {vocab_size})")
   width = max(len(p) for p in prompts)
   prompt = np.full((len(prompts), width), pad_id, np.int32)
   for row, p in zip(prompt, prompts):
@@ -92,4 +101,9 @@ def check_request(config: ModelConfig, prompt_len: int, max_new_tokens: int,
     raise ValueError(
         f"prompt ({prompt_len} tokens) + max_new_tokens ({max_new_tokens}) exceeds the model's "
         f"context of {config.max_context} tokens; shorten the prompt or override max_context")
+  return request_capacity(prompt_len, max_new_tokens, prefill_chunk)
+
+
+def request_capacity(prompt_len: int, max_new_tokens: int, prefill_chunk: int) -> int:
+  """Cache positions a request writes: whole prefill chunks, then the new tokens."""
   return -(-prompt_len // prefill_chunk) * prefill_chunk + max_new_tokens

@@ -11,13 +11,19 @@ from typing import Mapping
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.sparsity.selection import SparsityConfig
 
+# Fields that say where files are, how often to report or whether a resume may change the recipe,
+# not what is trained. `steps` may grow when a finished run is extended (the trainer warns).
+RUN_CONTROL_FIELDS = frozenset({"workdir", "variant", "checkpoint", "data_dir", "log_every",
+                                "checkpoint_every", "allow_config_change", "steps",
+                                "teacher.cache_dir"})
+
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
   """The shared full-cache teacher: the verifier's top-k next-token probabilities."""
 
   top_k: int = 64
-  cache_dir: str = ""  # "" = targets on the fly; else cached once in <cache_dir>/targets.array_record
+  cache_dir: str = ""  # "" = on the fly; else cached once in <cache_dir>/targets.array_record
 
   def __post_init__(self):
     if self.top_k < 1:
@@ -58,6 +64,7 @@ class TrainConfig:
   teacher: TeacherConfig = TeacherConfig()
   log_every: int = 10
   checkpoint_every: int = 20
+  allow_config_change: bool = False  # resume a workdir under a different recipe (with a warning)
 
   def __post_init__(self):
     for name in ("drafter_layers", "prompt_len", "continuation", "batch_size", "steps", "gamma",
@@ -90,6 +97,17 @@ class TrainConfig:
     values["teacher"] = TeacherConfig(**values.get("teacher", {}))
     values["budgets"] = tuple(values.get("budgets", cls.budgets))
     return cls(**values)
+
+  def recipe(self) -> dict:
+    """The fields that decide what is trained, flattened ("sparsity.policy": "snapkv", ...)."""
+    flat = {}
+    for name, value in dataclasses.asdict(self).items():
+      items = value.items() if isinstance(value, dict) else [(None, value)]
+      for sub, leaf in items:
+        key = name if sub is None else f"{name}.{sub}"
+        if key not in RUN_CONTROL_FIELDS:
+          flat[key] = list(leaf) if isinstance(leaf, tuple) else leaf
+    return flat
 
   @property
   def ring_size(self) -> int:

@@ -56,8 +56,12 @@ class TeacherCache:
     """Sequences already cached (0 if the cache does not exist yet)."""
     if not os.path.exists(self._manifest_path):
       return 0
-    with open(self._manifest_path) as f:
-      stored = json.load(f)
+    try:
+      with open(self._manifest_path) as f:
+        stored = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"teacher cache manifest {self._manifest_path} is unreadable ({e}); "
+                       f"delete {self.directory} to rebuild the cache") from e
     settings = {k: v for k, v in stored.items() if k != "num_sequences"}
     if settings != self.manifest:
       raise ValueError(f"teacher cache {self.directory} was built for {settings}, not "
@@ -81,9 +85,17 @@ class TeacherCache:
 
   def read(self, indices, continuation: int, top_k: int):
     """(ids [B, C, k], probs [B, C, k]) of the cached sequences `indices`."""
-    reader = array_record.ArrayRecordReader(self._records)
-    records = reader.read(list(map(int, indices)))
-    reader.close()
+    size = continuation * top_k * 8  # int32 ids then float32 probs
+    try:
+      reader = array_record.ArrayRecordReader(self._records)
+      records = reader.read(list(map(int, indices)))
+      reader.close()
+    except Exception as e:  # Riegeli errors on truncated or corrupted files, often without text
+      raise ValueError(f"teacher cache {self._records} is unreadable ({type(e).__name__}: {e}); "
+                       f"delete {self.directory} to rebuild it") from e
+    if any(len(r) != size for r in records):
+      raise ValueError(f"teacher cache {self._records} holds records of another size than "
+                       f"{size} bytes; delete {self.directory} to rebuild it")
     split = continuation * top_k * 4
     ids = [np.frombuffer(r[:split], np.int32).reshape(continuation, top_k) for r in records]
     probs = [np.frombuffer(r[split:], np.float32).reshape(continuation, top_k) for r in records]

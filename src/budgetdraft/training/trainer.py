@@ -7,6 +7,11 @@ The three methods of the paper are one trainer with different configs:
 Everything random is a function of (seed, step) -- the sequence order is fixed by the data and
 the budgets and selection rng are drawn from the step -- so a run resumed from a checkpoint (step,
 params, optimizer state, data position) continues exactly as an uninterrupted one.
+
+A workdir belongs to one run: `train_config.json` records its recipe (`TrainConfig.recipe()` and
+the verifier's fingerprint), and resuming under another recipe is refused, naming the fields that
+differ, before anything is written. An unreadable latest checkpoint falls back to the newest
+readable one; the drafter is exported atomically and an earlier export is kept beside it.
 """
 
 import functools
@@ -23,6 +28,7 @@ import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
 from budgetdraft import drafters
+from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.training import teacher as teacher_lib
 from budgetdraft.training.budgets import sample_budgets
@@ -67,13 +73,16 @@ class _Progress:
     self.pending = []
 
   def _keep_lines_before(self, step: int):
-    """A resumed run rewrites the steps after its checkpoint."""
+    """A resumed run recomputes the steps after its checkpoint: their old lines go (atomically)."""
     if not os.path.exists(self.path):
       return
     with open(self.path) as f:
-      lines = [line for line in f if json.loads(line)["step"] < step]
-    with open(self.path, "w") as f:
-      f.writelines(lines)
+      lines = f.readlines()
+    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < step]
+    if len(kept) < len(lines):
+      with open(self.path + ".partial", "w") as f:
+        f.writelines(kept)
+      os.replace(self.path + ".partial", self.path)
 
   def record(self, step: int, metrics: dict, budgets: np.ndarray, log: bool):
     record = {"step": step, "loss": float(metrics["loss"]), "full": float(metrics["full"]),
@@ -113,6 +122,73 @@ class _Progress:
     self.writer.close()
 
 
+_RECORD = "train_config.json"
+
+
+def _claim_workdir(config: TrainConfig, verifier: dict) -> None:
+  """Refuses a workdir that holds another run, before anything is written; records this run."""
+  workdir, record_path = config.workdir, os.path.join(config.workdir, _RECORD)
+  recipe = {**config.recipe(), "verifier_fingerprint": verifier["fingerprint"]}
+  recipe = json.loads(json.dumps(recipe))  # as it reads back from the record
+  if os.path.exists(record_path):
+    try:
+      with open(record_path) as f:
+        stored = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+      raise ValueError(f"{record_path} is unreadable ({e}); restore it or use a new workdir") from e
+    changed = sorted(key for key in recipe.keys() | stored["recipe"].keys()
+                     if recipe.get(key) != stored["recipe"].get(key))
+    if changed:
+      listing = ", ".join(f"{key} {stored['recipe'].get(key)!r} -> {recipe.get(key)!r}"
+                          for key in changed)
+      if not config.allow_config_change:
+        raise ValueError(f"{workdir} holds a run with another config ({listing}); rerun with its "
+                         "config, use a new workdir, or pass --config.allow_config_change=True")
+      logging.warning("resuming %s under a changed config: %s", workdir, listing)
+    if stored["steps"] != config.steps:
+      logging.warning("steps %d -> %d: the learning-rate schedule is recomputed for %d steps",
+                      stored["steps"], config.steps, config.steps)
+  else:
+    leftovers = [name for name in ("checkpoints", "metrics.jsonl", "drafter")
+                 if os.path.exists(os.path.join(workdir, name))]
+    if leftovers:
+      raise ValueError(f"{workdir} holds {leftovers} of a run without {_RECORD}; use a new "
+                       "workdir or move those away")
+  os.makedirs(workdir, exist_ok=True)
+  with open(record_path + ".partial", "w") as f:
+    json.dump({"recipe": recipe, "steps": config.steps, "verifier": verifier["name"]}, f, indent=1)
+  os.replace(record_path + ".partial", record_path)
+
+
+def _restore(manager: ocp.CheckpointManager, state: TrainState, workdir: str) -> TrainState:
+  """The newest readable checkpoint (the initial state if there is none); unreadable newer ones
+  are moved to <workdir>/unreadable_checkpoints."""
+  abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
+  for step in sorted(manager.all_steps(), reverse=True):
+    try:
+      restored = manager.restore(step, args=ocp.args.StandardRestore(abstract))
+    except Exception as e:  # tensorstore / orbax errors on truncated or missing files
+      aside = os.path.join(workdir, "unreadable_checkpoints", str(step))
+      logging.warning("checkpoint %d of %s is unreadable (%s); moved to %s, trying an older one",
+                      step, workdir, type(e).__name__, aside)
+      os.makedirs(os.path.dirname(aside), exist_ok=True)
+      os.rename(os.path.join(manager.directory, str(step)), aside)
+      manager.reload()
+      continue
+    logging.info("resumed from %s at step %d", workdir, int(restored.step))
+    return restored
+  return state
+
+
+def _exported(directory: str, steps: int, verifier: dict) -> bool:
+  """Whether `directory` holds this run's drafter after `steps` steps."""
+  try:
+    meta = drafters.read_metadata(directory)
+  except (FileNotFoundError, ValueError):
+    return False
+  return meta.get("steps") == steps and meta.get("verifier_fingerprint") == verifier["fingerprint"]
+
+
 def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: dict,
           sequences: np.ndarray, *, verifier_name: str = "",
           stop_after: int | None = None) -> list[dict]:
@@ -123,20 +199,21 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   saved under <workdir>/drafter (`drafters.load("trained:<workdir>", ...)`).
   """
   config.check_against(verifier_config, sequences.shape[1])
+  verifier = {"name": verifier_name,
+              "fingerprint": checkpoint_io.fingerprint(verifier_config, verifier_params)}
+  _claim_workdir(config, verifier)
   workdir = config.workdir
   model_config, trainable, shared = drafters.from_verifier(verifier_config, verifier_params,
                                                            config.drafter_layers)
   optimizer = make_optimizer(config)
-  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state; the verifier keeps its
+  trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state, not the verifier's
   state = TrainState(step=jnp.zeros((), jnp.int32), data_position=jnp.zeros((), jnp.int32),
                      params=trainable, opt_state=optimizer.init(trainable))
-  os.makedirs(workdir, exist_ok=True)
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2))
-  if manager.latest_step() is not None:
-    abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, state)
-    state = manager.restore(manager.latest_step(), args=ocp.args.StandardRestore(abstract))
-    logging.info("resumed from %s at step %d", workdir, int(state.step))
+  state = _restore(manager, state, workdir)
+  if int(state.step) > config.steps:
+    raise ValueError(f"{workdir} is at step {int(state.step)}, past steps={config.steps}")
 
   num_used = min(len(sequences), config.steps * config.batch_size)
   teacher = _Teacher(config, verifier_config, verifier_params, sequences[:num_used],
@@ -161,7 +238,8 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
       manager.save(step + 1, args=ocp.args.StandardSave(state))
   manager.wait_until_finished()
   progress.close()
-  if history and int(state.step) == config.steps:
-    drafters.save(os.path.join(workdir, "drafter"), state.params, config.drafter_layers,
-                  verifier_name)
+  drafter_dir = os.path.join(workdir, "drafter")
+  if int(state.step) == config.steps and not _exported(drafter_dir, config.steps, verifier):
+    drafters.save(drafter_dir, state.params, num_layers=config.drafter_layers, verifier=verifier,
+                  steps=config.steps)
   return history

@@ -11,7 +11,7 @@ losslessness is proven by exact enumeration on tiny vocabularies (tests/test_ver
 
 import jax.numpy as jnp
 
-from budgetdraft.verification import block, greedy, multipath, tokenwise
+from budgetdraft.verification import block, gbv, greedy, multipath, tokenwise
 
 
 def _one_path(verify):
@@ -29,6 +29,7 @@ RULES = {
     "block": _one_path(block.verify_block),
     "greedy": greedy.verify_greedy,
     "specinfer": multipath.verify_specinfer,
-    "gbv": multipath.verify_gbv,
+    "residual_bv": multipath.verify_residual_bv,
+    "gbv": gbv.verify_gbv,
 }
 SINGLE_PATH_RULES = frozenset({"tokenwise", "block"})

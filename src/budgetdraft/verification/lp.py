@@ -10,43 +10,51 @@ which is equivalent and keeps HiGHS from declaring round-off (~1e-9) infeasible.
 bounds every verification rule; block verification attains it for K = 1.
 """
 
+import functools
 import itertools
 
 import numpy as np
 import scipy.optimize
 import scipy.sparse
 
-from budgetdraft.verification.exact import MarkovPair, all_drafts, target_law
+from budgetdraft.verification.exact import ModelPair, all_drafts, target_law
 
 
-def _continuation_prob(pair: MarkovPair, sequence: tuple, start: int) -> float:
+def _continuation_prob(pair: ModelPair, sequence: tuple, start: int) -> float:
   """P_target(sequence[start:] | sequence[:start])."""
   prob = 1.0
   for i in range(start, len(sequence)):
-    previous = sequence[i - 1] if i else pair.context
-    prob *= pair.target[previous, sequence[i]]
+    prob *= pair.p(sequence[:i])[sequence[i]]
   return prob
 
 
-def optimal_expected_accepted(pair: MarkovPair, gamma: int, num_paths: int = 1) -> float:
+def optimal_expected_accepted(pair: ModelPair, gamma: int, num_paths: int = 1) -> float:
   """LP optimum of E[accepted drafted tokens] over all lossless K-path verifiers."""
   vocab = pair.vocab_size
   drafts, draft_probs, _, _ = all_drafts(pair, gamma, num_paths)
   sequences = list(itertools.product(range(vocab), repeat=gamma + 1))
   sequence_index = {z: i for i, z in enumerate(sequences)}
   target = target_law(pair, gamma + 1)
+
+  @functools.cache
+  def completions(emitted: tuple) -> tuple:
+    """(row of z, P_target(z after emitted)) for every z of gamma + 1 tokens extending emitted."""
+    out = []
+    for completion in itertools.product(range(vocab), repeat=gamma + 1 - len(emitted)):
+      z = emitted + completion
+      weight = _continuation_prob(pair, z, len(emitted))
+      if weight > 0:
+        out.append((sequence_index[z], weight))
+    return tuple(out)
+
   law_rows, law_cols, law_values, objective = [], [], [], []
   column = 0
   for draft in drafts:
     for j, k, y in itertools.product(range(num_paths), range(gamma + 1), range(vocab)):
-      emitted = tuple(int(t) for t in draft[j, :k]) + (y,)
-      for completion in itertools.product(range(vocab), repeat=gamma - k):
-        z = emitted + completion
-        weight = _continuation_prob(pair, z, k + 1)
-        if weight > 0:
-          law_rows.append(sequence_index[z])
-          law_cols.append(column)
-          law_values.append(weight)
+      for row, weight in completions(tuple(int(t) for t in draft[j, :k]) + (y,)):
+        law_rows.append(row)
+        law_cols.append(column)
+        law_values.append(weight)
       objective.append(-float(k))
       column += 1
   per_draft = num_paths * (gamma + 1) * vocab

@@ -8,15 +8,14 @@ on that path's first i tokens, so paths sharing a prefix share those rows). Outp
   still agree with the accepted prefix offer their next tokens in path order; candidate c is accepted
   with probability min(1, r(c) / q(c)) against the running residual r (initially p), and every
   rejection updates r <- norm(max(r - q, 0)). Lossless because the candidates are i.i.d. from q.
-- GBV, greedy multi-path block verification. The GBV paper (Thomas & Pal, 2026) derives it from an
-  LP over multi-path verifiers; its pseudocode was not available to us, so this is our construction
-  in that spirit, proven lossless by exact enumeration and checked against the multi-path LP: run
-  block verification on path 0; while the block stops at tau < gamma, take the next path whose first
-  tau tokens equal the accepted prefix and run block verification on its suffix against the
-  *residual* as the target of position tau + 1 (`block_law(start=tau, first_target=residual)`).
-  Each stage is block verification of an i.i.d. path against the exact conditional law of what
-  remains, so the output follows the target; it is greedy because it commits to each stage's
-  prefix. With K = 1 it is block verification; each extra path can only lengthen the accepted prefix.
+- Residual BV, sequential residual block verification (our construction, not the published GBV,
+  which is `verification/gbv.py`): run block verification on path 0; while the block stops at
+  tau < gamma, take the next path whose first tau tokens equal the accepted prefix and run block
+  verification on its suffix against the *residual* as the target of position tau + 1
+  (`block_law(start=tau, first_target=residual)`). Each stage is block verification of an i.i.d.
+  path against the exact conditional law of what remains, so the output follows the target. With
+  K = 1 it is block verification; each extra path can only lengthen the accepted prefix (monotone
+  in K, never below BV), but it reaches the multi-path LP optimum far less often than GBV.
 """
 
 import jax
@@ -78,8 +77,8 @@ def verify_specinfer(draft_tokens, q, p, rng):
   return num_accepted.astype(jnp.int32), token, path.astype(jnp.int32)
 
 
-def verify_gbv(draft_tokens, q, p, rng):
-  """Greedy multi-path block verification (see the module docstring); jittable, K static."""
+def verify_residual_bv(draft_tokens, q, p, rng):
+  """Sequential residual block verification (see the module docstring); jittable, K static."""
   num_paths, gamma = draft_tokens.shape
   rngs = jax.random.split(rng, num_paths + 1)
 
@@ -105,8 +104,8 @@ def verify_gbv(draft_tokens, q, p, rng):
 _jit_block_law = jax.jit(block_law)
 
 
-def gbv_outcomes(draft_tokens, q, p):
-  """Exact law of `verify_gbv`: {(path, num_accepted): (probability, next-token law [V])}.
+def residual_bv_outcomes(draft_tokens, q, p):
+  """Exact law of `verify_residual_bv`: {(path, num_accepted): (probability, next-token law [V])}.
 
   Enumerates every stage outcome (K stages, gamma + 1 stops each) with the same `block_law`; for
   tests and tables on tiny problems, not for decoding.

@@ -1,0 +1,61 @@
+"""The measurement library on the tiny model: speedup rows check greedy equality with AR, the rule
+table reports standard errors, and result names never clobber committed tables."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from budgetdraft.decoding.sampling import SamplingConfig
+from budgetdraft.decoding.speculative import SpeculativeConfig
+from budgetdraft.evaluation import results, rule_efficiency, speedup
+from budgetdraft.models.checkpoint_io import Checkpoint
+from tests.test_speculative import TINY_SPARSITY, tiny_pair  # noqa: F401 (fixture)
+
+
+@pytest.fixture(scope="module")
+def tiny_verifier(tiny_pair):
+  config, params, _ = tiny_pair
+  return Checkpoint(path="tiny", config=config, params=params, tokenizer=None)
+
+
+def _prompts(count, length):
+  return np.random.default_rng(0).integers(3, 200, (count, length)).astype(np.int32)
+
+
+def test_speedup_rows_report_greedy_equality_with_ar(tiny_verifier):
+  spec = SpeculativeConfig(gamma=3, max_new_tokens=8, prefill_chunk=32)
+  variants = [speedup.Variant("self", dataclasses.replace(spec, sparsity=TINY_SPARSITY)),
+              speedup.Variant("layers:1", dataclasses.replace(spec, rule="gbv", num_paths=2))]
+  rows = speedup.speedup(tiny_verifier, {160: _prompts(1, speedup.prompt_length(160, variants))},
+                         variants)
+  assert [row["= AR"] for row in rows] == ["yes", "yes"]
+  assert speedup.greedy_mismatches(rows) == []
+  rows[1]["= AR"] = "NO"
+  assert speedup.greedy_mismatches(rows) == ["layers:1 full KV@full gbv K=2 at 160"]
+  with pytest.raises(ValueError, match="context 12 leaves no prompt"):
+    speedup.prompt_length(12, variants)  # 8 new tokens + a 7-token tree leave nothing
+
+
+def test_rule_efficiency_rows_carry_standard_errors(tiny_verifier):
+  spec = SpeculativeConfig(gamma=3, sampling=SamplingConfig(temperature=1.0), max_new_tokens=12,
+                           prefill_chunk=32, sparsity=TINY_SPARSITY)
+  rows = rule_efficiency.rule_efficiency(tiny_verifier, (tiny_verifier.config,
+                                                         tiny_verifier.params),
+                                         _prompts(2, 100), [("block", 1), ("gbv", 2)], spec)
+  assert [(row["rule"], row["K"]) for row in rows] == [("block", 1), ("gbv", 2)]
+  for row in rows:
+    assert row["rounds"] >= 2 and 1 <= row["tokens/call"] <= 4
+    assert 0 <= row["tokens/call SE"] < 2 and row["ms/token"] > 0
+
+
+def test_output_paths_change_only_with_measured_overrides():
+  assert results.output_path("results", "speedup_default", {}) == "results/speedup_default"
+  assert results.output_path("results", "speedup_default", {"data_dir": "/d"}) == (
+      "results/speedup_default")
+  ad_hoc = results.output_path("results", "speedup_default", {"gamma": 3})
+  assert ad_hoc.startswith("results/speedup_default-") and len(ad_hoc) == len(
+      "results/speedup_default-") + 8
+  assert ad_hoc == results.output_path("out", "speedup_default", {"gamma": 3}).replace(
+      "out/", "results/")
+  assert ad_hoc != results.output_path("results", "speedup_default", {"gamma": 2})

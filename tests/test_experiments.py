@@ -1,0 +1,41 @@
+"""Entry points refuse bad settings before any model work, in the terms the user set."""
+
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import REPO_ROOT
+
+
+def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
+  return subprocess.run([sys.executable, os.path.join("experiments", script), *flags],
+                        cwd=REPO_ROOT, capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.parametrize("script, flags, message", [
+    ("speedup.py", ["--config.gamma=0"], "gamma=0 must be >= 1"),
+    ("speedup.py", ["--config.contexts=(64,)"], "context 64 leaves no prompt"),
+    ("speedup.py", ["--config.sparsity.window=600"], "below sinks \\+ window"),
+    ("speedup.py", ["--config.max_new_tokens=0"], "max_new_tokens=0 must be >= 1"),
+    ("rule_efficiency.py", ["--config.rules=(('block', 2),)"], "verifies one path"),
+    ("acceptance_vs_budget.py", ["--config.budgets=(16,)"], "below sinks \\+ window"),
+    ("speedup.py", ["--config=configs/speedup.py:trained"], "holds no trained drafter"),
+    ("rule_efficiency.py", ["--config.drafter=layer:8"], "expected 'self', 'layers:<k>'"),
+])
+def test_bad_settings_fail_before_the_checkpoint_is_opened(script, flags, message):
+  """The checkpoint does not exist: a check that ran after loading would report that instead."""
+  result = _run(script, *flags, "--config.checkpoint=/nonexistent/model.gguf",
+                "--results_dir=/dev/null")
+  assert result.returncode != 0
+  assert "nonexistent" not in result.stderr.splitlines()[-1], result.stderr[-2000:]
+  assert re.search(message, result.stderr), result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--config.gamma=0"], "gamma=0"), (["--config.num_paths=(0,)"], "num_paths=\\[0\\]")])
+def test_verification_table_rejects_empty_problems(flags, message):
+  result = _run("verification_table.py", "--results_dir=/dev/null", *flags)
+  assert result.returncode != 0 and re.search(message, result.stderr)
