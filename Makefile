@@ -6,7 +6,7 @@ DATA_DIR ?= data
 INSTALLED := $(VENV)/.installed
 PREPARED := $(DATA_DIR)/.prepared
 
-.PHONY: run test venv data bench drafters clean
+.PHONY: run test venv data bench drafters generate clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,11 @@ drafters: data
 	$(BIN)/python experiments/acceptance_vs_budget.py \
 	  --config=configs/acceptance_vs_budget.py:smollm2 --config.data_dir=$(DATA_DIR)
 	$(BIN)/python experiments/speedup.py --config=configs/speedup.py:trained --config.data_dir=$(DATA_DIR)
+
+# Text in, text out: make generate PROMPT_FILE=notes.txt [ARGS="--chat --config.drafter=self"]
+generate: venv
+	@test -n "$(PROMPT_FILE)" || { echo "usage: make generate PROMPT_FILE=<file> [ARGS=...]"; exit 2; }
+	$(BIN)/python experiments/generate.py --prompt_file=$(PROMPT_FILE) $(ARGS)
 
 test: data
 	BUDGETDRAFT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q

@@ -18,6 +18,7 @@ ALLOWED = {
     "decoding": {"models", "sparsity", "verification"},
     "training": {"models", "sparsity", "drafters"},
     "evaluation": {"models", "sparsity", "verification", "data", "drafters", "decoding"},
+    "generation": {"models", "decoding", "drafters"},
 }
 
 

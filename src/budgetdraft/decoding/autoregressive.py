@@ -64,24 +64,41 @@ def start(params, prompt, prompt_lengths, rng, *, config: ModelConfig, max_new_t
                eos_id=eos_id, pad_id=pad_id)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "sampling", "eos_id", "pad_id"))
+def _running(state: DecodeState):
+  return (state.step < state.tokens.shape[1]) & ~jnp.all(state.done)
+
+
+def _step(params, state: DecodeState, config: ModelConfig, sampling, eos_id, pad_id):
+  """Feeds the last token and emits the next one."""
+  model = Transformer(config)
+  hidden, cache = model.apply({"params": params}, state.last_token[:, None],
+                              state.cache.length[:, None], state.cache)
+  logits = model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
+  return _emit(state.replace(cache=cache), logits, sampling, eos_id, pad_id)
+
+
+_STATIC = ("config", "sampling", "eos_id", "pad_id")
+
+
+@functools.partial(jax.jit, static_argnames=_STATIC)
 def decode(params, state: DecodeState, *, config: ModelConfig,
            sampling: sampling_lib.SamplingConfig, eos_id, pad_id: int) -> DecodeState:
   """Runs one-token steps until every row hit EOS or max_new_tokens were emitted."""
-  model = Transformer(config)
-  max_new_tokens = state.tokens.shape[1]
+  return jax.lax.while_loop(
+      _running, lambda s: _step(params, s, config, sampling, eos_id, pad_id), state)
 
-  def running(state):
-    return (state.step < max_new_tokens) & ~jnp.all(state.done)
 
-  def step(state):
-    positions = state.cache.length[:, None]
-    hidden, cache = model.apply({"params": params}, state.last_token[:, None], positions,
-                                state.cache)
-    logits = model.apply({"params": params}, hidden[:, 0], method=Transformer.logits)
-    return _emit(state.replace(cache=cache), logits, sampling, eos_id, pad_id)
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def step(params, state: DecodeState, *, config: ModelConfig,
+         sampling: sampling_lib.SamplingConfig, eos_id, pad_id: int) -> DecodeState:
+  """One token of `decode`, for callers that stream; call it only while not `finished`. The state
+  is donated (updated in place, as in the loop's carry)."""
+  return _step(params, state, config, sampling, eos_id, pad_id)
 
-  return jax.lax.while_loop(running, step, state)
+
+def finished(state: DecodeState) -> bool:
+  """Whether every row hit EOS or max_new_tokens were emitted (host-side)."""
+  return not bool(_running(state))
 
 
 def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_new_tokens: int,

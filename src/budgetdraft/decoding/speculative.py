@@ -148,11 +148,6 @@ def _logits(model, params, hidden):
   return model.apply({"params": params}, hidden, method=Transformer.logits)
 
 
-def _new_positions(spec: SpeculativeConfig) -> int:
-  """Cache positions past the prompt: max_new_tokens and a last round's whole draft tree."""
-  return spec.max_new_tokens + spec.num_paths * spec.gamma + 1
-
-
 @functools.partial(jax.jit, static_argnames=("verifier_config", "drafter_config", "capacity",
                                              "prefill_chunk"))
 def prefill_caches(verifier_params, drafter_params, prompt, prompt_lengths, *,
@@ -175,7 +170,7 @@ def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: Fu
   """From prefilled caches (`prefill_caches`): compresses the drafter's cache by the policy and
   emits the first token. The caches are not changed, so one prefill serves several specs."""
   batch = prompt.shape[0]
-  needed = request_capacity(prompt.shape[1], _new_positions(spec), spec.prefill_chunk)
+  needed = request_capacity(prompt.shape[1], positions_after_prompt(spec), spec.prefill_chunk)
   if verifier_cache.capacity < needed:
     raise ValueError(f"prefilled caches hold {verifier_cache.capacity} positions; this spec "
                      f"needs {needed}")
@@ -202,7 +197,7 @@ def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
   caches = prefill_caches(verifier_params, drafter_params, prompt, prompt_lengths,
                           verifier_config=verifier_config, drafter_config=drafter_config,
                           capacity=check_request(verifier_config, prompt.shape[1],
-                                                 _new_positions(spec), spec.prefill_chunk),
+                                                 positions_after_prompt(spec), spec.prefill_chunk),
                           prefill_chunk=spec.prefill_chunk)
   return begin(drafter_params, *caches, prompt, prompt_lengths, rng,
                drafter_config=drafter_config, spec=spec)
@@ -314,52 +309,75 @@ def _emitted(chosen, num_accepted, next_token, running, done, spec):
   return jnp.where(index < count[:, None], emitted, spec.pad_id), count, done
 
 
+def _active(state: SpecState, spec: SpeculativeConfig):
+  """[B] rows still generating."""
+  return ~state.done & (state.num_emitted < spec.max_new_tokens)
+
+
+def _round(verifier_params, drafter_params, state: SpecState, verifier_config: ModelConfig,
+           drafter_config: ModelConfig, spec: SpeculativeConfig) -> SpecState:
+  """One round: draft, verify, accept, commit. Rows already finished keep their tokens."""
+  batch = state.num_emitted.shape[0]
+  num_paths, gamma = spec.num_paths, spec.gamma
+  rng, draft_rng, verify_rng = jax.random.split(state.rng, 3)
+  root = state.verifier_cache.length                                     # [B]
+  drafts, q, drafter_cache = _draft(drafter_config, drafter_params, state.drafter_cache,
+                                    state.last_two, root, draft_rng, spec)
+  p, verifier_cache = _verify(verifier_config, verifier_params, state.verifier_cache,
+                              state.last_two[:, 1], drafts, spec)
+  num_accepted, next_token, path = jax.vmap(verification.RULES[spec.rule])(
+      drafts, q, p, jax.random.split(verify_rng, batch))
+
+  running = _active(state, spec)
+  num_accepted = jnp.where(running, num_accepted, 0)
+  if num_paths > 1:
+    verifier_cache = _keep_path(verifier_cache, root, path, gamma)
+    winners = jnp.repeat(jnp.arange(batch) * num_paths + path, num_paths)
+    drafter_cache = drafter_cache.gather_rows(winners)
+  verifier_cache = verifier_cache.truncate(root + jnp.where(running, 1 + num_accepted, 0))
+
+  chosen = jnp.take_along_axis(drafts, path[:, None, None], axis=1)[:, 0]   # [B, gamma]
+  emitted, count, done = _emitted(chosen, num_accepted, next_token, running, state.done, spec)
+  write = lambda row, new, at: jax.lax.dynamic_update_slice(row, new, (at,))
+  tokens = jnp.where(running[:, None],
+                     jax.vmap(write)(state.tokens, emitted, state.num_emitted), state.tokens)
+  previous = jnp.where(num_accepted > 0,
+                       jnp.take_along_axis(chosen, jnp.maximum(num_accepted - 1, 0)[:, None],
+                                           axis=1)[:, 0], state.last_two[:, 1])
+  last_two = jnp.where(running[:, None], jnp.stack([previous, next_token], axis=1),
+                       state.last_two)
+  return state.replace(
+      verifier_cache=verifier_cache, drafter_cache=drafter_cache, tokens=tokens,
+      num_emitted=state.num_emitted + count, last_two=last_two, done=done, rng=rng,
+      accepted_counts=state.accepted_counts + running[:, None] * jax.nn.one_hot(
+          num_accepted, gamma + 1, dtype=jnp.int32))
+
+
 @functools.partial(jax.jit, static_argnames=_STATIC)
 def decode(verifier_params, drafter_params, state: SpecState, *, verifier_config: ModelConfig,
            drafter_config: ModelConfig, spec: SpeculativeConfig) -> SpecState:
   """Speculative rounds until every row hit EOS or emitted max_new_tokens."""
-  batch = state.num_emitted.shape[0]
-  num_paths, gamma = spec.num_paths, spec.gamma
-  rule = verification.RULES[spec.rule]
+  one_round = lambda s: _round(verifier_params, drafter_params, s, verifier_config,
+                               drafter_config, spec)
+  return jax.lax.while_loop(lambda s: jnp.any(_active(s, spec)), one_round, state)
 
-  def active(state):
-    return ~state.done & (state.num_emitted < spec.max_new_tokens)
 
-  def round_(state):
-    rng, draft_rng, verify_rng = jax.random.split(state.rng, 3)
-    root = state.verifier_cache.length                                     # [B]
-    drafts, q, drafter_cache = _draft(drafter_config, drafter_params, state.drafter_cache,
-                                      state.last_two, root, draft_rng, spec)
-    p, verifier_cache = _verify(verifier_config, verifier_params, state.verifier_cache,
-                                state.last_two[:, 1], drafts, spec)
-    num_accepted, next_token, path = jax.vmap(rule)(drafts, q, p,
-                                                    jax.random.split(verify_rng, batch))
+@functools.partial(jax.jit, static_argnames=_STATIC, donate_argnames=("state",))
+def step(verifier_params, drafter_params, state: SpecState, *, verifier_config: ModelConfig,
+         drafter_config: ModelConfig, spec: SpeculativeConfig) -> SpecState:
+  """One round of `decode`, for callers that stream tokens as rounds decide them. The state is
+  donated (updated in place, as in the loop's carry)."""
+  return _round(verifier_params, drafter_params, state, verifier_config, drafter_config, spec)
 
-    running = active(state)
-    num_accepted = jnp.where(running, num_accepted, 0)
-    if num_paths > 1:
-      verifier_cache = _keep_path(verifier_cache, root, path, gamma)
-      winners = jnp.repeat(jnp.arange(batch) * num_paths + path, num_paths)
-      drafter_cache = drafter_cache.gather_rows(winners)
-    verifier_cache = verifier_cache.truncate(root + jnp.where(running, 1 + num_accepted, 0))
 
-    chosen = jnp.take_along_axis(drafts, path[:, None, None], axis=1)[:, 0]   # [B, gamma]
-    emitted, count, done = _emitted(chosen, num_accepted, next_token, running, state.done, spec)
-    write = lambda row, new, at: jax.lax.dynamic_update_slice(row, new, (at,))
-    tokens = jnp.where(running[:, None],
-                       jax.vmap(write)(state.tokens, emitted, state.num_emitted), state.tokens)
-    previous = jnp.where(num_accepted > 0,
-                         jnp.take_along_axis(chosen, jnp.maximum(num_accepted - 1, 0)[:, None],
-                                             axis=1)[:, 0], state.last_two[:, 1])
-    last_two = jnp.where(running[:, None], jnp.stack([previous, next_token], axis=1),
-                         state.last_two)
-    return state.replace(
-        verifier_cache=verifier_cache, drafter_cache=drafter_cache, tokens=tokens,
-        num_emitted=state.num_emitted + count, last_two=last_two, done=done, rng=rng,
-        accepted_counts=state.accepted_counts + running[:, None] * jax.nn.one_hot(
-            num_accepted, gamma + 1, dtype=jnp.int32))
+def finished(state: SpecState, spec: SpeculativeConfig) -> bool:
+  """Whether every row hit EOS or emitted max_new_tokens (host-side)."""
+  return not bool(jnp.any(_active(state, spec)))
 
-  return jax.lax.while_loop(lambda s: jnp.any(active(s)), round_, state)
+
+def positions_after_prompt(spec: SpeculativeConfig) -> int:
+  """Cache positions past the prompt: max_new_tokens and a last round's whole draft tree."""
+  return spec.max_new_tokens + spec.num_paths * spec.gamma + 1
 
 
 def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,

@@ -1,0 +1,166 @@
+"""Text in, text out: one prompt through AR or speculative decoding, streamed as it is decided.
+
+`Generation` runs the decoding loop one verifier round (or one AR token) at a time and yields the
+new text after each, detokenized incrementally so that a multi-byte character is never split:
+the text is decoded from all tokens so far and held back while it ends in an incomplete UTF-8
+sequence. Stop strings end the output where they first appear. `stats` is filled when the
+iteration ends; its times are of ahead-of-time compiled calls, compilation reported apart.
+"""
+
+import dataclasses
+import time
+from typing import Iterator
+
+from absl import logging
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from budgetdraft.decoding import autoregressive
+from budgetdraft.decoding import speculative as speculative_lib
+from budgetdraft.decoding.speculative import SpeculativeConfig
+from budgetdraft.models.checkpoint_io import Checkpoint
+
+_INCOMPLETE = "\ufffd"  # what byte-level decoding gives for a cut multi-byte character
+
+
+def prompt_tokens(model: Checkpoint, text: str, *, chat: bool, spec: SpeculativeConfig,
+                  speculative: bool, truncate: bool) -> list[int]:
+  """The prompt's tokens, leaving the context room that decoding with `spec` writes.
+
+  An empty prompt is an error; a long one is an error naming the lengths, or with `truncate`
+  keeps its last tokens (with a warning).
+  """
+  if not text.strip():
+    raise ValueError("the prompt is empty")
+  room = (speculative_lib.positions_after_prompt(spec) if speculative
+          else spec.max_new_tokens)
+  tokens = model.tokenizer.encode(model.tokenizer.chat_prompt(text) if chat else text)
+  limit = model.config.max_context - room
+  if len(tokens) > limit:
+    if not truncate:
+      raise ValueError(f"the prompt has {len(tokens)} tokens; with {room} positions for "
+                       f"generation the model's context of {model.config.max_context} allows "
+                       f"{limit} (--truncate=left keeps the last {limit})")
+    logging.warning("prompt of %d tokens cut to its last %d", len(tokens), limit)
+    tokens = tokens[-limit:]
+  return tokens
+
+
+@dataclasses.dataclass
+class Stats:
+  prompt_tokens: int
+  compile_s: float = 0.0
+  prefill_s: float = 0.0
+  decode_s: float = 0.0
+  emitted_tokens: int = 0
+  verifier_calls: int = 0
+  tokens_per_call: float = 1.0
+  acceptance: float | None = None  # None: autoregressive decoding
+  verifier_kv_bytes: int = 0
+  drafter_kv_bytes: int = 0
+
+  @property
+  def decode_tokens_per_s(self) -> float:
+    return (self.emitted_tokens - 1) / self.decode_s if self.decode_s else float("nan")
+
+  def as_dict(self) -> dict:
+    return {**dataclasses.asdict(self), "decode_tokens_per_s": self.decode_tokens_per_s}
+
+
+class Generation:
+  """Iterate for the text pieces; afterwards `text` and `stats` hold the result.
+
+  drafter: (config, params), or None for autoregressive decoding with the sampling and lengths of
+  `spec`.
+  """
+
+  def __init__(self, verifier: Checkpoint, drafter, prompt: list[int], spec: SpeculativeConfig,
+               *, stop: tuple[str, ...] = (), seed: int = 0):
+    # A prompt shorter than a prefill chunk is prefilled in one chunk of (about) its own length.
+    chunk = min(spec.prefill_chunk, -(-len(prompt) // 64) * 64)
+    spec = dataclasses.replace(spec, prefill_chunk=chunk)
+    self.verifier, self.drafter, self.prompt, self.spec = verifier, drafter, prompt, spec
+    self.stop, self.seed = tuple(s for s in stop if s), seed
+    self.text = ""
+    self.stats = Stats(prompt_tokens=len(prompt))
+
+  def _compile(self):
+    """(start, step) compiled ahead of time, each a function of the arrays only."""
+    prompt, lengths = jnp.asarray([self.prompt], jnp.int32), jnp.array([len(self.prompt)])
+    rng = jax.random.key(self.seed)
+    if self.drafter is None:
+      static = dict(config=self.verifier.config, sampling=self.spec.sampling,
+                    eos_id=self.spec.eos_id, pad_id=self.spec.pad_id)
+      start_args = (self.verifier.params, prompt, lengths, rng)
+      start = autoregressive.start.lower(*start_args, max_new_tokens=self.spec.max_new_tokens,
+                                         prefill_chunk=self.spec.prefill_chunk,
+                                         **static).compile()
+      step_fn, step_params = autoregressive.step, (self.verifier.params,)
+    else:
+      static = dict(verifier_config=self.verifier.config, drafter_config=self.drafter[0],
+                    spec=self.spec)
+      start_args = (self.verifier.params, self.drafter[1], prompt, lengths, rng)
+      start = speculative_lib.start.lower(*start_args, **static).compile()
+      step_fn, step_params = speculative_lib.step, (self.verifier.params, self.drafter[1])
+    state_shape = start.out_info
+    step = step_fn.lower(*step_params, state_shape, **static).compile()
+    return lambda: start(*start_args), lambda state: step(*step_params, state)
+
+  def _finished(self, state) -> bool:
+    if self.drafter is None:
+      return autoregressive.finished(state)
+    return speculative_lib.finished(state, self.spec)
+
+  def _tokens(self, state) -> list[int]:
+    count = min(int(state.num_emitted[0]), self.spec.max_new_tokens)
+    tokens = np.asarray(state.tokens)[0, :count].tolist()  # sliced on the host: no recompiles
+    if self.spec.eos_id is not None and self.spec.eos_id in tokens:
+      tokens = tokens[:tokens.index(self.spec.eos_id)]  # the model's end marker is not text
+    return tokens
+
+  def _decided(self, tokens: list[int], final: bool) -> tuple[str, bool]:
+    """(the text that can be shown, whether a stop string ended it)."""
+    text = self.verifier.tokenizer.decode(tokens)
+    hits = [text.index(s) for s in self.stop if s in text]
+    if hits:
+      return text[:min(hits)], True
+    if not final:
+      # Hold back an incomplete character and any tail that may still grow into a stop string.
+      text = text.rstrip(_INCOMPLETE)
+      hold = max((len(s) - 1 for s in self.stop), default=0)
+      text = text[:max(len(self.text), len(text) - hold)]
+    return text, False
+
+  def __iter__(self) -> Iterator[str]:
+    started = time.perf_counter()
+    start, step = self._compile()
+    self.stats.compile_s = time.perf_counter() - started
+    started = time.perf_counter()
+    state = jax.block_until_ready(start())
+    self.stats.prefill_s = time.perf_counter() - started
+    started, stopped = time.perf_counter(), False
+    while True:
+      finished = self._finished(state)
+      text, stopped = self._decided(self._tokens(state), final=finished)
+      if len(text) > len(self.text):
+        yield text[len(self.text):]
+        self.text = text
+      if finished or stopped:
+        break
+      state = jax.block_until_ready(step(state))
+    self.stats.decode_s = time.perf_counter() - started
+    self._record(state)
+
+  def _record(self, state):
+    stats = self.stats
+    stats.emitted_tokens = min(int(state.num_emitted[0]), self.spec.max_new_tokens)
+    if self.drafter is None:
+      stats.verifier_calls = stats.emitted_tokens - 1  # decode steps (the prefill gave one)
+      stats.verifier_kv_bytes = state.cache.nbytes()
+      return
+    _, rounds = speculative_lib.outputs_and_stats(state, self.spec)
+    stats.verifier_calls, stats.tokens_per_call = rounds.rounds, rounds.tokens_per_call
+    stats.acceptance = rounds.acceptance_rate
+    stats.verifier_kv_bytes = state.verifier_cache.nbytes()
+    stats.drafter_kv_bytes = state.drafter_cache.nbytes()
