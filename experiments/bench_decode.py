@@ -33,9 +33,10 @@ def main(argv):
   config = model.config
   notes = (f"Model: {model.name} ({timing.tree_bytes(model.params) / 1e6:.0f} MB of "
            f"{config.param_dtype} weights, {config.compute_dtype} compute). Batch 1, greedy, "
-           f"{cfg.max_new_tokens} new tokens.\nMeasured read bandwidth (max-reduction over "
-           f"1 GiB): {bandwidth / 1e9:.1f} GB/s. Floor = (weights + KV at the full context) / "
-           "bandwidth per decode step; `x floor` = measured step time / floor.")
+           f"{cfg.max_new_tokens} new tokens; ms/step is the median of 5 decode runs (spread "
+           f"beside it).\nMeasured read bandwidth (best of 5 max-reductions over 1 GiB): "
+           f"{bandwidth / 1e9:.1f} GB/s. Floor = (weights + KV at the full context) / bandwidth "
+           "per decode step; `x floor` = median step time / floor.")
   print(results.write(path, "AR decode benchmark", rows, notes))
 
 

@@ -15,8 +15,11 @@ from budgetdraft.models.checkpoint_io import Checkpoint
 
 
 def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_new_tokens: int,
-                 prefill_chunk: int, bandwidth: float) -> list[dict]:
-  """One row per context; prompt_tokens [1, >= max(contexts) - max_new_tokens] are cut per row."""
+                 prefill_chunk: int, bandwidth: float, repeats: int = 5) -> list[dict]:
+  """One row per context; prompt_tokens [1, >= max(contexts) - max_new_tokens] are cut per row.
+
+  The decode loop runs `repeats` times: ms/step is the median, with the spread beside it.
+  """
   config, params = model.config, model.params
   weight_bytes = timing.tree_bytes(params)
   static = dict(config=config, sampling=SamplingConfig(), eos_id=None, pad_id=0)
@@ -30,14 +33,17 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
                             max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk, **static)
     state, prefill_s = timing.timed(start, params, prompt, lengths, jax.random.key(0))
     decode = timing.compiled(autoregressive.decode, params, state, **static)
-    state, decode_s = timing.timed(decode, params, state)
-    step_s = decode_s / (int(state.step) - 1)  # the first token came from prefill
+    final, decode_times = timing.repeated(decode, lambda: (params, state), repeats)
+    steps = int(final.step) - 1  # the first token came from prefill
+    step_s = decode_times[len(decode_times) // 2] / steps
     kv_bytes = 2 * config.num_layers * config.num_kv_heads * context * config.head_dim * (
         config.dtype.itemsize)
     floor_s = (weight_bytes + kv_bytes) / bandwidth
     rows.append({"context": context, "prompt tokens": prompt_len,
                  "prefill s": prefill_s, "prefill tok/s": prompt_len / prefill_s,
                  "decode tok/s": 1 / step_s, "ms/step": 1e3 * step_s,
+                 "ms/step min-max": f"{1e3 * decode_times[0] / steps:.1f}-"
+                                    f"{1e3 * decode_times[-1] / steps:.1f}",
                  "floor ms/step": 1e3 * floor_s, "x floor": step_s / floor_s})
     logging.info("%s", rows[-1])
   return rows

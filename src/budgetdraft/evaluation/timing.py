@@ -18,17 +18,25 @@ def timed(fn, *args, repeats: int = 1, **kwargs):
 
 def timed_with_fresh_args(fn, make_args, repeats: int = 3):
   """Like `timed` for a callable that donates its inputs: `make_args()` (untimed) builds each call's."""
+  result, times = repeated(fn, make_args, repeats)
+  return result, times[len(times) // 2]
+
+
+def repeated(fn, make_args, repeats: int):
+  """(result of the last call, sorted wall seconds of every call): median and spread for noisy
+  machines. `make_args()` builds each call's arguments outside the timer."""
   times = []
   for _ in range(repeats):
     args = jax.block_until_ready(make_args())
     start = time.perf_counter()
     result = jax.block_until_ready(fn(*args))
     times.append(time.perf_counter() - start)
-  return result, sorted(times)[len(times) // 2]
+  return result, sorted(times)
 
 
 def read_bandwidth(num_bytes: int = 1024 * 2**20, repeats: int = 5) -> float:
-  """Measured device read bandwidth (bytes/s): a max-reduction streaming `num_bytes` once.
+  """Measured device read bandwidth (bytes/s): the best of `repeats` max-reductions streaming
+  `num_bytes` once.
 
   A decode step is a read stream (weights + KV); an elementwise copy would instead be dominated by
   first-touch page faults of its fresh output buffer on CPU and understate the bandwidth ~10x.
@@ -36,8 +44,8 @@ def read_bandwidth(num_bytes: int = 1024 * 2**20, repeats: int = 5) -> float:
   x = jnp.ones((num_bytes // 4,), jnp.float32)
   reduce = compiled(jax.jit(jnp.max), x)
   reduce(x).block_until_ready()
-  _, seconds = timed(reduce, x, repeats=repeats)
-  return num_bytes / seconds
+  _, times = repeated(reduce, lambda: (x,), repeats)
+  return num_bytes / times[0]  # the best read: other work on a shared machine only slows it
 
 
 def tree_bytes(tree) -> int:
