@@ -6,7 +6,7 @@ DATA_DIR ?= data
 INSTALLED := $(VENV)/.installed
 PREPARED := $(DATA_DIR)/.prepared
 
-.PHONY: run test venv data bench drafters generate clean
+.PHONY: run test venv data bench drafters specprefill generate clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -47,6 +47,12 @@ drafters: data
 	$(BIN)/python experiments/acceptance_vs_budget.py \
 	  --config=configs/acceptance_vs_budget.py:smollm2 --config.data_dir=$(DATA_DIR)
 	$(BIN)/python experiments/speedup.py --config=configs/speedup.py:trained --config.data_dir=$(DATA_DIR)
+
+# Speculative prefill (issue 17): TTFT, quality and end-to-end time against the full prefill at
+# 4K and 8K on books and pass-key prompts (results/specprefill_default.*).
+specprefill: data
+	$(BIN)/python experiments/specprefill.py --config=configs/specprefill.py:default \
+	  --config.data_dir=$(DATA_DIR)
 
 # Text in, text out: make generate PROMPT_FILE=notes.txt [ARGS="--chat --config.drafter=self"]
 generate: venv

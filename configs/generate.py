@@ -2,7 +2,8 @@
 
 Variants:
   default  SmolLM2-135M-Instruct, greedy, 256 new tokens, autoregressive until a trained drafter
-           ships with the project (issue 13); `--config.drafter=self` or `layers:<k>` speculates.
+           ships with the project (issue 13); `--config.drafter=self` or `layers:<k>` speculates;
+           `--config.keep_rate=0.25` prefills a quarter of a long prompt (speculative prefill).
 """
 
 import ml_collections
@@ -26,4 +27,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   config.max_new_tokens = 256
   config.prefill_chunk = 512
   config.stop = ()              # strings that end the output, e.g. ("\n\n",)
+  # Speculative prefill (budgetdraft.specprefill): the verifier prefills this fraction of the
+  # prompt's chunks, picked by the drafter, or by `scorer` when decoding autoregressively.
+  config.keep_rate = 1.0        # 1 = the full prefill
+  config.scorer = "layers:15"   # a drafters.load source
   return config

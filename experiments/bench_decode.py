@@ -2,14 +2,17 @@
 
   python experiments/bench_decode.py --config=configs/bench_decode.py:smollm2
 
-Writes results/bench_decode.{md,json}. The measurement is `budgetdraft.evaluation.decode_speed`.
+Writes results/bench_decode.{md,json}. The measurement is `budgetdraft.evaluation.decode_speed`;
+with HF transformers installed (`pip install -e .[peers]`), its AR decoding of the same model and
+prompt is measured in the same run (`budgetdraft.evaluation.peers`).
 """
 
 from absl import app, flags, logging
 from ml_collections import config_flags
+import numpy as np
 
 from budgetdraft.data import packing
-from budgetdraft.evaluation import decode_speed, results, timing
+from budgetdraft.evaluation import decode_speed, peers, results, timing
 from budgetdraft.models import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py:smollm2")
@@ -27,6 +30,17 @@ def main(argv):
   rows = decode_speed.decode_speed(model, prompt, list(cfg.contexts),
                                    max_new_tokens=cfg.max_new_tokens,
                                    prefill_chunk=cfg.prefill_chunk, bandwidth=bandwidth)
+  if cfg.hf_peer and peers.hf_installed():
+    ours = {row["context"]: row["tokens"] for row in rows}
+    hf_rows = peers.hf_decode_speed(model, prompt, list(cfg.contexts),
+                                    max_new_tokens=cfg.max_new_tokens, bandwidth=bandwidth,
+                                    weight_bytes=timing.tree_bytes(model.params))
+    for row in hf_rows:
+      same = np.asarray(row["tokens"]) == np.asarray(ours[row["context"]])
+      row["same greedy tokens"] = int(np.argmin(np.append(same, False)))
+    rows += hf_rows
+  elif cfg.hf_peer:
+    logging.warning("HF transformers is not installed (pip install -e .[peers]): no peer rows")
 
   path = results.output_path(_RESULTS_DIR.value, "bench_decode",
                              config_flags.get_override_values(flags.FLAGS["config"]))
@@ -37,6 +51,11 @@ def main(argv):
            f"beside it).\nMeasured read bandwidth (best of 5 max-reductions over 1 GiB): "
            f"{bandwidth / 1e9:.1f} GB/s. Floor = (weights + KV at the full context) / bandwidth "
            "per decode step; `x floor` = median step time / floor.")
+  if len(rows) > len(cfg.contexts):
+    notes += (f"\nThe rows of both systems come from this one run on the same prompt; `same greedy "
+              f"tokens`: the peer's leading greedy tokens equal to ours (of {cfg.max_new_tokens}).")
+  columns = [key for key in {**rows[0], **rows[-1]} if key != "tokens"]
+  rows = [{key: row.get(key, "") for key in columns} for row in rows]
   print(results.write(path, "AR decode benchmark", rows, notes))
 
 

@@ -7,7 +7,12 @@
 
 The prompt comes from --prompt, --prompt_file or stdin. Decoding settings are the config's fields
 (configs/generate.py): --config.drafter (a drafter source, or none = autoregressive), .policy,
-.budget, .rule, .num_paths, .gamma, .temperature, .top_p, .seed, .max_new_tokens, .stop.
+.budget, .rule, .num_paths, .gamma, .temperature, .top_p, .seed, .max_new_tokens, .stop, and the
+speculative prefill's .keep_rate (< 1: the verifier prefills only the prompt chunks a small model
+picks, the drafter or .scorer; faster to the first token, no longer lossless w.r.t. the full
+prompt):
+
+  python experiments/generate.py --prompt_file=book.txt --config.keep_rate=0.25
 """
 
 import dataclasses
@@ -17,7 +22,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from budgetdraft import drafters, generation
+from budgetdraft import drafters, generation, specprefill
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.models import checkpoint_io
@@ -46,6 +51,10 @@ def main(argv):
                              sparsity=sparsity)
     if cfg.drafter != "none":
       drafters.check(cfg.drafter)
+    selection = (None if cfg.keep_rate == 1.0 else
+                 specprefill.SpecPrefillConfig(keep_rate=cfg.keep_rate))
+    if selection is not None and cfg.drafter == "none":
+      drafters.check(cfg.scorer)
     if _PROMPT_FILE.value is not None:
       try:
         with open(_PROMPT_FILE.value, encoding="utf-8") as f:
@@ -63,8 +72,10 @@ def main(argv):
                                       truncate=_TRUNCATE.value == "left")
     spec = dataclasses.replace(spec, eos_id=verifier.tokenizer.eos_id,
                                pad_id=verifier.tokenizer.eos_id or 0)
+    scorer = (drafters.load(cfg.scorer, verifier.config, verifier.params)
+              if selection is not None and drafter is None else None)
     run = generation.Generation(verifier, drafter, prompt, spec, stop=tuple(cfg.stop),
-                                seed=cfg.seed)
+                                seed=cfg.seed, selection=selection, scorer=scorer)
     for piece in run:
       if not _JSON.value:
         sys.stdout.write(piece)

@@ -3,8 +3,9 @@
 import pytest
 
 from budgetdraft import verification
+from budgetdraft import specprefill as specprefill_lib
 from configs import (acceptance_vs_budget, bench_decode, bench_kernels, budgetdraft_smollm2,
-                     rule_efficiency, speedup, verification_table)
+                     rule_efficiency, specprefill, speedup, verification_table)
 
 SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", "prefill_chunk",
                   "sparsity"}
@@ -29,8 +30,17 @@ def test_rule_efficiency_config_names_registered_rules():
   assert {"gbv", "residual_bv"} <= {rule for rule, _ in cfg.rules}
 
 
+@pytest.mark.parametrize("variant", ["default", "quick"])
+def test_specprefill_variants_build_valid_selections(variant):
+  cfg = specprefill.get_config(variant)
+  for rate in cfg.keep_rates:
+    specprefill_lib.SpecPrefillConfig(keep_rate=rate, **cfg.selection)
+  assert all(0 < rate < 1 for rate in cfg.keep_rates) and cfg.scorers
+
+
 @pytest.mark.parametrize("module", [speedup, acceptance_vs_budget, bench_decode, bench_kernels,
-                                    budgetdraft_smollm2, rule_efficiency, verification_table])
+                                    budgetdraft_smollm2, rule_efficiency, specprefill,
+                                    verification_table])
 def test_unknown_variants_fail_clearly(module):
   with pytest.raises(ValueError, match="unknown"):
     module.get_config("nope")

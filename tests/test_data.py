@@ -7,7 +7,7 @@ import os
 import numpy as np
 import pytest
 
-from budgetdraft.data import long_books, packing, readers, sources
+from budgetdraft.data import long_books, packing, readers, retrieval, sources
 
 
 def test_sequences_never_cross_documents():
@@ -110,3 +110,33 @@ def test_prepared_long_books_has_long_held_out_documents(data_dir):
   assert validation and not train_ids & {d.id for d in validation}
   assert any(d.id.startswith("shakespeare/") for d in validation)
   assert max(len(d.text) for d in validation) > 16_000 * 4  # at least one ~16K-token document
+
+
+class _ByteTokenizer:
+  def encode(self, text):
+    return list(text.encode())
+
+
+@pytest.mark.parametrize("depth", [0.0, 0.37, 1.0])
+def test_passkey_prompts_hide_the_key_at_the_asked_depth(depth):
+  filler = np.arange(1000) % 50 + 200  # byte values no piece of the template uses
+  prompt = retrieval.passkey_prompt(_ByteTokenizer(), filler, 600, depth, "40913")
+  assert len(prompt.tokens) == 600
+  text = bytes(t for t in prompt.tokens if t < 200).decode()
+  assert text.startswith(retrieval.INTRO) and text.endswith(retrieval.QUESTION)
+  assert text.count("40913") == 2
+  needle_at = prompt.tokens.index(ord("\n"), len(retrieval.INTRO))
+  fillers = [i for i, t in enumerate(prompt.tokens) if t >= 200]
+  before = sum(i < needle_at for i in fillers)
+  assert abs(before - depth * len(fillers)) <= 1
+  assert retrieval.answered(" 4 0913 is it", prompt) and not retrieval.answered("4091", prompt)
+
+
+def test_passkey_prompts_refuse_short_filler_and_bad_depth():
+  with pytest.raises(ValueError, match="needs .* filler tokens"):
+    retrieval.passkey_prompt(_ByteTokenizer(), np.zeros(10, int), 600, 0.5, "12345")
+  with pytest.raises(ValueError, match="depth=1.5"):
+    retrieval.passkey_prompt(_ByteTokenizer(), np.zeros(1000, int), 600, 1.5, "12345")
+  keys = [p.answer for p in retrieval.passkey_prompts(_ByteTokenizer(), [np.zeros(1000, int)],
+                                                      600, 3)]
+  assert len(set(keys)) == 3 and all(len(k) == 5 for k in keys)

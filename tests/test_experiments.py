@@ -24,6 +24,12 @@ def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
     ("acceptance_vs_budget.py", ["--config.budgets=(16,)"], "below sinks \\+ window"),
     ("speedup.py", ["--config=configs/speedup.py:trained"], "holds no trained drafter"),
     ("rule_efficiency.py", ["--config.drafter=layer:8"], "expected 'self', 'layers:<k>'"),
+    ("specprefill.py", ["--config.keep_rates=(0.0, 0.5)"], r"keep_rate=0.0 must be in \(0, 1\]"),
+    ("specprefill.py", ["--config.keep_rates=(1.5,)"], r"keep_rate=1.5 must be in \(0, 1\]"),
+    ("specprefill.py", ["--config.scorers=('layer:4',)"], "expected 'self', 'layers:<k>'"),
+    ("specprefill.py", ["--config.continuation=100"], "must fit in max_new_tokens"),
+    ("specprefill.py", ["--config.contexts=(128,)"], "context 128 leaves too short a prompt"),
+    ("specprefill.py", ["--config.drafter_budget=16"], "below sinks \\+ window"),
 ])
 def test_bad_settings_fail_before_the_checkpoint_is_opened(script, flags, message):
   """The checkpoint does not exist: a check that ran after loading would report that instead."""

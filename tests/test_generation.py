@@ -75,6 +75,23 @@ def test_ar_and_speculative_give_the_same_greedy_text(tiny_folder):
   assert outputs["none"]["stats"]["acceptance"] is None
 
 
+def test_speculative_prefill_prunes_and_decodes_losslessly_from_the_pruned_prompt(tiny_folder):
+  """AR (scored by layers:1) and speculative decoding (drafter layers:1 scores) keep the same
+  chunks, so their greedy texts agree; the verifier prefilled fewer tokens than the prompt has."""
+  outputs = {}
+  for drafter in ("none", "layers:1"):
+    result = _generate(tiny_folder, "--json", f"--config.drafter={drafter}",
+                       "--config.scorer=layers:1", "--config.keep_rate=0.5",
+                       "--config.max_new_tokens=16", "--config.policy=lookahead",
+                       "--config.budget=70", f"--prompt={PROMPT * 4}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    outputs[drafter] = json.loads(result.stdout)
+  assert outputs["none"]["text"] == outputs["layers:1"]["text"] and outputs["none"]["text"]
+  for output in outputs.values():
+    stats = output["stats"]
+    assert 0 < stats["prefilled_tokens"] < stats["prompt_tokens"], stats
+
+
 def test_streamed_text_is_the_final_text_and_stats_go_to_stderr(tiny_folder):
   streamed = _generate(tiny_folder, "--config.drafter=layers:1", "--chat", stdin=PROMPT)
   assert streamed.returncode == 0, streamed.stderr[-2000:]
@@ -90,6 +107,9 @@ def test_streamed_text_is_the_final_text_and_stats_go_to_stderr(tiny_folder):
     (["--prompt_file=/nonexistent/prompt.txt"], "cannot read --prompt_file"),
     (["--prompt=" + "word " * 400], "the prompt has 2000 tokens; .* allows 256"),
     (["--prompt=hi", "--config.temperature=-1"], "temperature=-1.0 must be"),
+    (["--prompt=hi", "--config.keep_rate=0"], r"keep_rate=0.0 must be in \(0, 1\]"),
+    (["--prompt=hi", "--config.keep_rate=0.5", "--config.scorer=layer:2"],
+     "expected 'self', 'layers:<k>'"),
 ])
 def test_bad_input_gives_one_clear_line(tiny_folder, flags, message):
   result = _generate(tiny_folder, *flags)

@@ -15,10 +15,13 @@ ALLOWED = {
     "verification": set(),
     "data": set(),
     "drafters": {"models"},
-    "decoding": {"models", "sparsity", "verification"},
-    "training": {"models", "sparsity", "drafters"},
-    "evaluation": {"models", "sparsity", "verification", "data", "drafters", "decoding"},
-    "generation": {"models", "decoding", "drafters"},
+    "parallel": {"models"},
+    "decoding": {"models", "sparsity", "verification", "parallel"},
+    "specprefill": {"models", "sparsity"},
+    "training": {"models", "sparsity", "drafters", "parallel"},
+    "evaluation": {"models", "sparsity", "verification", "data", "drafters", "decoding",
+                   "specprefill", "parallel"},
+    "generation": {"models", "decoding", "drafters", "specprefill"},
 }
 
 

@@ -16,10 +16,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from budgetdraft import specprefill
 from budgetdraft.decoding import autoregressive
 from budgetdraft.decoding import speculative as speculative_lib
 from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.models.checkpoint_io import Checkpoint
+from budgetdraft.models.prefill import check_request
 
 _INCOMPLETE = "\ufffd"  # what byte-level decoding gives for a cut multi-byte character
 
@@ -59,6 +61,7 @@ class Stats:
   acceptance: float | None = None  # None: autoregressive decoding
   verifier_kv_bytes: int = 0
   drafter_kv_bytes: int = 0
+  prefilled_tokens: int = 0  # prompt tokens the verifier prefilled (fewer with speculative prefill)
 
   @property
   def decode_tokens_per_s(self) -> float:
@@ -72,40 +75,75 @@ class Generation:
   """Iterate for the text pieces; afterwards `text` and `stats` hold the result.
 
   drafter: (config, params), or None for autoregressive decoding with the sampling and lengths of
-  `spec`.
+  `spec`. selection: a speculative prefill (`specprefill`) instead of the full one, scored by
+  `scorer` ((config, params)) for AR decoding and by the drafter itself for speculative decoding.
   """
 
   def __init__(self, verifier: Checkpoint, drafter, prompt: list[int], spec: SpeculativeConfig,
-               *, stop: tuple[str, ...] = (), seed: int = 0):
+               *, stop: tuple[str, ...] = (), seed: int = 0,
+               selection: specprefill.SpecPrefillConfig | None = None, scorer=None):
+    if selection is not None and (scorer is None) == (drafter is None):
+      raise ValueError("a speculative prefill is scored by the drafter when there is one, and "
+                       "needs a scorer model only for autoregressive decoding")
     # A prompt shorter than a prefill chunk is prefilled in one chunk of (about) its own length.
     chunk = min(spec.prefill_chunk, -(-len(prompt) // 64) * 64)
     spec = dataclasses.replace(spec, prefill_chunk=chunk)
     self.verifier, self.drafter, self.prompt, self.spec = verifier, drafter, prompt, spec
     self.stop, self.seed = tuple(s for s in stop if s), seed
+    self.selection, self.scorer = selection, scorer if drafter is None else drafter
     self.text = ""
-    self.stats = Stats(prompt_tokens=len(prompt))
+    self.stats = Stats(prompt_tokens=len(prompt), prefilled_tokens=len(prompt))
+
+  def _start_pruned(self, verifier_params, scorer_params, prompt, lengths, rng):
+    """A speculative prefill, then the first token (AR or speculative)."""
+    room = (self.spec.max_new_tokens if self.drafter is None
+            else speculative_lib.positions_after_prompt(self.spec))
+    capacity = check_request(self.verifier.config, prompt.shape[1], room, self.spec.prefill_chunk)
+    logits, cache, scores, num_kept = specprefill.prefill_caches(
+        verifier_params, scorer_params, prompt, lengths, verifier_config=self.verifier.config,
+        scorer_config=self.scorer[0], settings=self.selection, capacity=capacity,
+        prefill_chunk=self.spec.prefill_chunk)
+    if self.drafter is None:
+      state = autoregressive.begin(logits, cache, rng, max_new_tokens=self.spec.max_new_tokens,
+                                   sampling=self.spec.sampling, eos_id=self.spec.eos_id,
+                                   pad_id=self.spec.pad_id)
+    else:
+      shared = scores.kv_scores if self.selection.shares_kv_scores(self.spec.sparsity) else None
+      state = speculative_lib.begin(scorer_params, logits, cache, scores.cache, prompt, lengths,
+                                    rng, shared, drafter_config=self.drafter[0], spec=self.spec)
+    return state, num_kept
 
   def _compile(self):
-    """(start, step) compiled ahead of time, each a function of the arrays only."""
+    """(start, step) compiled ahead of time, each a function of the arrays only. start returns
+    (state, prompt tokens the verifier prefilled)."""
     prompt, lengths = jnp.asarray([self.prompt], jnp.int32), jnp.array([len(self.prompt)])
     rng = jax.random.key(self.seed)
     if self.drafter is None:
       static = dict(config=self.verifier.config, sampling=self.spec.sampling,
                     eos_id=self.spec.eos_id, pad_id=self.spec.pad_id)
-      start_args = (self.verifier.params, prompt, lengths, rng)
-      start = autoregressive.start.lower(*start_args, max_new_tokens=self.spec.max_new_tokens,
-                                         prefill_chunk=self.spec.prefill_chunk,
-                                         **static).compile()
       step_fn, step_params = autoregressive.step, (self.verifier.params,)
     else:
       static = dict(verifier_config=self.verifier.config, drafter_config=self.drafter[0],
                     spec=self.spec)
-      start_args = (self.verifier.params, self.drafter[1], prompt, lengths, rng)
-      start = speculative_lib.start.lower(*start_args, **static).compile()
       step_fn, step_params = speculative_lib.step, (self.verifier.params, self.drafter[1])
-    state_shape = start.out_info
+    if self.selection is not None:
+      start_args = (self.verifier.params, self.scorer[1], prompt, lengths, rng)
+      start = jax.jit(self._start_pruned).lower(*start_args).compile()
+      state_shape = start.out_info[0]
+      run_start = lambda: start(*start_args)
+    else:
+      if self.drafter is None:
+        start_args = (self.verifier.params, prompt, lengths, rng)
+        start = autoregressive.start.lower(*start_args, max_new_tokens=self.spec.max_new_tokens,
+                                           prefill_chunk=self.spec.prefill_chunk,
+                                           **static).compile()
+      else:
+        start_args = (self.verifier.params, self.drafter[1], prompt, lengths, rng)
+        start = speculative_lib.start.lower(*start_args, **static).compile()
+      state_shape = start.out_info
+      run_start = lambda: (start(*start_args), lengths)
     step = step_fn.lower(*step_params, state_shape, **static).compile()
-    return lambda: start(*start_args), lambda state: step(*step_params, state)
+    return run_start, lambda state: step(*step_params, state)
 
   def _finished(self, state) -> bool:
     if self.drafter is None:
@@ -137,8 +175,9 @@ class Generation:
     start, step = self._compile()
     self.stats.compile_s = time.perf_counter() - started
     started = time.perf_counter()
-    state = jax.block_until_ready(start())
+    state, prefilled = jax.block_until_ready(start())
     self.stats.prefill_s = time.perf_counter() - started
+    self.stats.prefilled_tokens = int(prefilled[0])
     started, stopped = time.perf_counter(), False
     while True:
       finished = self._finished(state)

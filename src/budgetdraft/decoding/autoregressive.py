@@ -7,6 +7,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from budgetdraft import parallel
 from budgetdraft.decoding import sampling as sampling_lib
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache
@@ -103,14 +104,18 @@ def finished(state: DecodeState) -> bool:
 
 def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_new_tokens: int,
              sampling=sampling_lib.SamplingConfig(), eos_id=None, pad_id: int = 0,
-             prefill_chunk: int = 512) -> list[list[int]]:
-  """Generates up to max_new_tokens after each prompt (a batch of token lists, any lengths)."""
+             prefill_chunk: int = 512, mesh=None) -> list[list[int]]:
+  """Generates up to max_new_tokens after each prompt (a batch of token lists, any lengths).
+
+  mesh: a `parallel.make_mesh` mesh to run on (params tensor-parallel, rows data-parallel).
+  """
   prompt, lengths = pad_prompts(prompts, pad_id, config.vocab_size)
   if eos_id is not None and not 0 <= eos_id < config.vocab_size:
     raise ValueError(f"eos_id={eos_id} is not a token id of [0, {config.vocab_size})")
   kwargs = dict(config=config, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
+  (params,), prompt, lengths = parallel.place(mesh, (params,), prompt, lengths)
   state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,
                 prefill_chunk=prefill_chunk, **kwargs)
-  state = decode(params, state, **kwargs)
+  state = decode(params, parallel.place_state(mesh, state, len(prompts)), **kwargs)
   tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
   return [row[:n].tolist() for row, n in zip(tokens, counts)]

@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from budgetdraft import verification
+from budgetdraft import parallel, verification
 from budgetdraft.decoding import sampling as sampling_lib
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache, SparseKVCache
@@ -166,9 +166,12 @@ def prefill_caches(verifier_params, drafter_params, prompt, prompt_lengths, *,
 
 @functools.partial(jax.jit, static_argnames=("drafter_config", "spec"))
 def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: FullKVCache, prompt,
-          prompt_lengths, rng, *, drafter_config: ModelConfig, spec: SpeculativeConfig):
-  """From prefilled caches (`prefill_caches`): compresses the drafter's cache by the policy and
-  emits the first token. The caches are not changed, so one prefill serves several specs."""
+          prompt_lengths, rng, kv_scores=None, *, drafter_config: ModelConfig,
+          spec: SpeculativeConfig):
+  """From prefilled caches (`prefill_caches`, or a speculative prefill: `specprefill`):
+  compresses the drafter's cache by the policy (kv_scores: the policy's scores if already
+  computed) and emits the first token. The caches are not changed, so one prefill serves several
+  specs."""
   batch = prompt.shape[0]
   needed = request_capacity(prompt.shape[1], positions_after_prompt(spec), spec.prefill_chunk)
   if verifier_cache.capacity < needed:
@@ -178,7 +181,8 @@ def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: Fu
   first = sampling_lib.sample(first_rng, sampling_lib.probabilities(logits, spec.sampling))
   if spec.sparsity is not None:
     drafter_cache = selection.sparse_cache(drafter_config, drafter_params, drafter_cache, prompt,
-                                           prompt_lengths, spec.sparsity, spec.gamma, policy_rng)
+                                           prompt_lengths, spec.sparsity, spec.gamma, policy_rng,
+                                           kv_scores)
   drafter_cache = drafter_cache.gather_rows(jnp.repeat(jnp.arange(batch), spec.num_paths))
 
   previous = jnp.take_along_axis(prompt, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
@@ -280,7 +284,7 @@ def verify_step(verifier_params, verifier_cache, last, drafts, *, verifier_confi
 
 def _keep_path(cache: FullKVCache, root, path, gamma: int) -> FullKVCache:
   """Moves the gamma tree entries of `path` right after the root, where the prefix continues."""
-  target = root[:, None] + 1 + jnp.arange(gamma)[None, :]  # [B, gamma]
+  target = (root - cache.skipped)[:, None] + 1 + jnp.arange(gamma)[None, :]  # [B, gamma] slots
   source = target + (path * gamma)[:, None]
 
   def move(rows, source, target):  # rows: [L, Hkv, S, D] of one batch row
@@ -381,8 +385,12 @@ def positions_after_prompt(spec: SpeculativeConfig) -> int:
 
 
 def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
-             verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig):
-  """(token lists, `RoundStats`) for a batch of prompts."""
+             verifier_config: ModelConfig, drafter_config: ModelConfig, spec: SpeculativeConfig,
+             mesh=None):
+  """(token lists, `RoundStats`) for a batch of prompts.
+
+  mesh: a `parallel.make_mesh` mesh to run on (both models tensor-parallel, rows data-parallel).
+  """
   if drafter_config.vocab_size != verifier_config.vocab_size:
     raise ValueError(f"drafter vocab {drafter_config.vocab_size} != verifier vocab "
                      f"{verifier_config.vocab_size}: they must share the tokenizer")
@@ -394,8 +402,11 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
     raise ValueError(f"sparsity window {spec.sparsity.window} exceeds the shortest prompt "
                      f"({int(lengths.min())} tokens)")
   static = dict(verifier_config=verifier_config, drafter_config=drafter_config, spec=spec)
+  (verifier_params, drafter_params), prompt, lengths = parallel.place(
+      mesh, (verifier_params, drafter_params), prompt, lengths)
   state = start(verifier_params, drafter_params, prompt, lengths, rng, **static)
-  state = decode(verifier_params, drafter_params, state, **static)
+  state = decode(verifier_params, drafter_params,
+                 parallel.place_state(mesh, state, len(prompts)), **static)
   return outputs_and_stats(state, spec)
 
 

@@ -18,7 +18,8 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
                  prefill_chunk: int, bandwidth: float, repeats: int = 5) -> list[dict]:
   """One row per context; prompt_tokens [1, >= max(contexts) - max_new_tokens] are cut per row.
 
-  The decode loop runs `repeats` times: ms/step is the median, with the spread beside it.
+  The decode loop runs `repeats` times: ms/step is the median, with the spread beside it. Each row
+  holds the greedy `tokens` (to compare with a peer's).
   """
   config, params = model.config, model.params
   weight_bytes = timing.tree_bytes(params)
@@ -39,11 +40,13 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
     kv_bytes = 2 * config.num_layers * config.num_kv_heads * context * config.head_dim * (
         config.dtype.itemsize)
     floor_s = (weight_bytes + kv_bytes) / bandwidth
-    rows.append({"context": context, "prompt tokens": prompt_len,
+    rows.append({"system": f"budgetdraft (jax {jax.__version__}, {jax.devices()[0].platform})",
+                 "context": context, "prompt tokens": prompt_len,
                  "prefill s": prefill_s, "prefill tok/s": prompt_len / prefill_s,
                  "decode tok/s": 1 / step_s, "ms/step": 1e3 * step_s,
                  "ms/step min-max": f"{1e3 * decode_times[0] / steps:.1f}-"
                                     f"{1e3 * decode_times[-1] / steps:.1f}",
-                 "floor ms/step": 1e3 * floor_s, "x floor": step_s / floor_s})
-    logging.info("%s", rows[-1])
+                 "floor ms/step": 1e3 * floor_s, "x floor": step_s / floor_s,
+                 "tokens": [int(t) for t in final.tokens[0]]})
+    logging.info("%s", {k: v for k, v in rows[-1].items() if k != "tokens"})
   return rows

@@ -70,14 +70,17 @@ class _Length:
 
 @flax.struct.dataclass
 class FullKVCache(_Length):
-  """Keys (after RoPE) and values of every past token, slot index = token position.
+  """Keys (after RoPE) and values of every past token, in position order.
 
-  k, v: [layers, batch, kv_heads, capacity, head_dim]; length: [batch] int32 valid entries per row.
+  k, v: [layers, batch, kv_heads, capacity, head_dim]; length: [batch] int32 position of the next
+  token. skipped: [batch] prompt positions never stored (a speculative prefill keeps a subset of
+  the prompt, `specprefill`), so slot = position - skipped; 0 for an ordinary prefill.
   """
 
   k: jax.Array
   v: jax.Array
   length: jax.Array
+  skipped: jax.Array
   attention_block: int = flax.struct.field(pytree_node=False, default=512)
   attention_impl: str = flax.struct.field(pytree_node=False, default="jnp")
 
@@ -88,6 +91,7 @@ class FullKVCache(_Length):
     shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
     return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
                length=jnp.zeros((batch_size,), jnp.int32),
+               skipped=jnp.zeros((batch_size,), jnp.int32),
                attention_block=config.attention_block, attention_impl=config.attention_impl)
 
   @property
@@ -98,11 +102,16 @@ class FullKVCache(_Length):
   def batch_size(self) -> int:
     return self.k.shape[1]
 
+  @property
+  def filled(self):
+    """[B] slots in use: the slot of the next token."""
+    return self.length - self.skipped
+
   def write(self, layer, k, v, positions) -> "FullKVCache":
-    """Stores k, v: [B, T, Hkv, D] at slots [length, length + T); writes past capacity drop."""
+    """Stores k, v: [B, T, Hkv, D] at the next T slots; writes past capacity drop."""
     del positions  # slots follow the chunk order; tree positions only affect RoPE
     rows = jnp.arange(k.shape[0])[:, None]
-    slots = self.length[:, None] + jnp.arange(k.shape[1])[None, :]
+    slots = self.filled[:, None] + jnp.arange(k.shape[1])[None, :]
     return self.replace(k=self.k.at[layer, rows, :, slots].set(k.astype(self.k.dtype), mode="drop"),
                         v=self.v.at[layer, rows, :, slots].set(v.astype(self.v.dtype), mode="drop"))
 
@@ -111,7 +120,7 @@ class FullKVCache(_Length):
     if self.attention_impl == "pallas" and chunk_mask is None:
       return self._attend_pallas(layer, q)
     chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
-    return attention.chunked_attention(q, self.k, self.v, layer, self.length, chunk_mask,
+    return attention.chunked_attention(q, self.k, self.v, layer, self.filled, chunk_mask,
                                        self.attention_block)
 
   def _attend_pallas(self, layer, q):
@@ -122,19 +131,19 @@ class FullKVCache(_Length):
     num_kv_heads = self.k.shape[2]
     table = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
                              (batch, num_kv_heads, 1, num_blocks))
-    counts = jnp.broadcast_to(((self.length + num_new + block - 1) // block)[:, None, None],
+    counts = jnp.broadcast_to(((self.filled + num_new + block - 1) // block)[:, None, None],
                               (batch, num_kv_heads, 1)).astype(jnp.int32)
     keep = jnp.ones((batch, num_kv_heads, self.capacity), jnp.int32)
-    positions = self.length[:, None] + jnp.arange(num_new)[None, :]
+    slots = self.filled[:, None] + jnp.arange(num_new)[None, :]
     return pallas_kernels.block_sparse_attention(
-        q, self.k[layer], self.v[layer], positions, keep, table, counts, block_q=num_new,
+        q, self.k[layer], self.v[layer], slots, keep, table, counts, block_q=num_new,
         block_k=block)
 
   def attend_with_probs(self, layer, q, chunk_mask):
     """Dense attention over every slot (the probabilities feed KV selection scores)."""
     chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
-    key_positions = jnp.broadcast_to(jnp.arange(self.capacity), (self.batch_size, self.capacity))
-    visible = attention.visible_mask(self.length, chunk_mask, key_positions)[:, None]
+    slots = jnp.broadcast_to(jnp.arange(self.capacity), (self.batch_size, self.capacity))
+    visible = attention.visible_mask(self.filled, chunk_mask, slots)[:, None]
     return attention.dense_attention(q, self.k[layer], self.v[layer], visible)
 
   def reserve(self, capacity: int) -> "FullKVCache":
@@ -146,7 +155,8 @@ class FullKVCache(_Length):
     return self.replace(k=widen(self.k), v=widen(self.v))
 
   def gather_rows(self, rows) -> "FullKVCache":
-    return self.replace(k=self.k[:, rows], v=self.v[:, rows], length=self.length[rows])
+    return self.replace(k=self.k[:, rows], v=self.v[:, rows], length=self.length[rows],
+                        skipped=self.skipped[rows])
 
   def nbytes(self) -> int:
     return self.k.nbytes + self.v.nbytes

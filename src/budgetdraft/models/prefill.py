@@ -20,23 +20,27 @@ from budgetdraft.models.transformer import Transformer
 
 
 def prefill(model: Transformer, params, prompt, prompt_lengths, cache: FullKVCache,
-            prefill_chunk: int):
+            prefill_chunk: int, positions=None):
   """Appends right-padded prompts to the cache.
 
-  prompt: [B, T] (row b valid up to prompt_lengths[b] >= 1). Returns (logits [B, V] float32 after
-  each row's last prompt token, cache with length += prompt_lengths).
+  prompt: [B, T] (row b valid up to prompt_lengths[b] >= 1); positions: [B, T] increasing RoPE
+  positions of the tokens (None: consecutive from the cache's length; a speculative prefill passes
+  the original positions of the tokens it keeps). Returns (logits [B, V] float32 after each row's
+  last prompt token, cache with length += prompt_lengths).
   """
   batch, prompt_len = prompt.shape
   num_chunks = -(-prompt_len // prefill_chunk)
-  padded = jnp.pad(prompt, ((0, 0), (0, num_chunks * prefill_chunk - prompt_len)))
-  chunks = padded.reshape(batch, num_chunks, prefill_chunk).transpose(1, 0, 2)
+  if positions is None:
+    positions = cache.length[:, None] + jnp.arange(prompt_len)[None, :]
+  as_chunks = lambda x: jnp.pad(x, ((0, 0), (0, num_chunks * prefill_chunk - prompt_len))).reshape(
+      batch, num_chunks, prefill_chunk).transpose(1, 0, 2)
+  chunks = as_chunks(prompt)
   offsets = jnp.arange(num_chunks) * prefill_chunk
 
   def step(carry, xs):
     cache, last_hidden = carry
-    tokens, offset = xs
+    tokens, positions, offset = xs
     start = cache.length
-    positions = start[:, None] + jnp.arange(prefill_chunk)[None, :]
     hidden, cache = model.apply({"params": params}, tokens, positions, cache)
     num_valid = jnp.clip(prompt_lengths - offset, 0, prefill_chunk)
     last_index = prompt_lengths - 1 - offset
@@ -47,7 +51,8 @@ def prefill(model: Transformer, params, prompt, prompt_lengths, cache: FullKVCac
     return (cache.truncate(start + num_valid), last_hidden), None
 
   init_hidden = jnp.zeros((batch, model.config.dim), model.config.dtype)
-  (cache, last_hidden), _ = jax.lax.scan(step, (cache, init_hidden), (chunks, offsets))
+  (cache, last_hidden), _ = jax.lax.scan(step, (cache, init_hidden),
+                                         (chunks, as_chunks(positions), offsets))
   logits = model.apply({"params": params}, last_hidden, method=Transformer.logits)
   return logits, cache
 

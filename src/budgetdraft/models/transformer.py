@@ -5,7 +5,8 @@ cache (any `kv_cache.KVCache`): prefill and decode are the same function. Layers
 `nn.scan` (one compiled layer, params with a leading `layers` axis), and the cache travels in the
 scan carry so that XLA updates it in place. Applied with `mutable="intermediates"`, the call also
 sows each cached key's attention mass (`key_scores`, [L, B, Hkv, S]), the input of the KV selection
-policies; otherwise no attention probabilities are formed.
+policies; with `mutable="attention"`, every head's probabilities (`probs`, [L, B, Hkv, G, T, S]),
+which speculative prefill aggregates its own way; otherwise no attention probabilities are formed.
 
 Params tree (kernels are [in, out], stacked layers lead with L):
   embed/embedding [V, dim]; layers/{attn_norm,mlp_norm}/scale [L, dim];
@@ -86,10 +87,13 @@ class DecoderLayer(nn.Module):
     v = v.reshape(batch, num_new, c.num_kv_heads, c.head_dim)
 
     cache = cache.write(layer, k, v, positions)
-    if self.is_mutable_collection("intermediates"):
+    if self.is_mutable_collection("intermediates") or self.is_mutable_collection("attention"):
       attended, probs = cache.attend_with_probs(layer, q, chunk_mask)
-      # [B, Hkv, S]: the attention mass each key gets from the group's heads and the new queries.
-      self.sow("intermediates", "key_scores", probs.sum(axis=(2, 3)))
+      if self.is_mutable_collection("intermediates"):
+        # [B, Hkv, S]: the attention mass each key gets from the group's heads and the new queries.
+        self.sow("intermediates", "key_scores", probs.sum(axis=(2, 3)))
+      if self.is_mutable_collection("attention"):
+        self.sow("attention", "probs", probs)  # [B, Hkv, G, T, S], for a few queries only
     else:
       attended = cache.attend(layer, q, chunk_mask)
     x = x + dense(c.dim, "o_proj")(attended.reshape(batch, num_new, -1))
@@ -108,7 +112,7 @@ class Transformer(nn.Module):
     self.embed = nn.Embed(c.vocab_size, c.dim, dtype=c.dtype, param_dtype=c.weight_dtype,
                           embedding_init=nn.initializers.normal(0.02))
     self.layers = nn.scan(
-        DecoderLayer, variable_axes={"params": 0, "intermediates": 0},
+        DecoderLayer, variable_axes={"params": 0, "intermediates": 0, "attention": 0},
         split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
         length=c.num_layers)(c)
     self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.weight_dtype)

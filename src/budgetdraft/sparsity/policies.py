@@ -80,29 +80,44 @@ def h2o_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
   return jax.lax.scan(accumulate, init, jnp.arange(num_chunks))[0]
 
 
-def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
-  """Greedy look-ahead of `lookahead` tokens with the full cache, then their attention mass.
+def lookahead(config: ModelConfig, params, cache: FullKVCache, prompt, prompt_lengths,
+              count: int):
+  """Greedy look-ahead of `count` tokens after the prompt with the full cache.
 
-  The look-ahead tokens are written past the prompt, so the cache is widened if it lacks the room.
+  Returns (tokens [B, count], their positions, cache). The tokens are written past the prompt, so
+  the cache is widened if it lacks the room.
   """
-  del rng
   model = Transformer(config)
-  cache = cache.reserve(prompt.shape[1] + sparsity.lookahead)
+  cache = cache.reserve(prompt.shape[1] + count)
   last, last_positions = _last_tokens(prompt, prompt_lengths, 1)
   hidden, cache = model.apply({"params": params}, last, last_positions,
                               cache.truncate(prompt_lengths - 1))
   tokens = []
-  for step in range(sparsity.lookahead):
+  for step in range(count):
     logits = model.apply({"params": params}, hidden[:, -1], method=Transformer.logits)
     token = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     tokens.append(token)
-    if step + 1 < sparsity.lookahead:
+    if step + 1 < count:
       hidden, cache = model.apply({"params": params}, token[:, None],
                                   (prompt_lengths + step)[:, None], cache)
-  tokens = jnp.stack(tokens, axis=1)
-  positions = prompt_lengths[:, None] + jnp.arange(sparsity.lookahead)[None, :]
-  scores, _, _ = key_scores(config, params, cache, tokens, positions)
-  return scores
+  positions = prompt_lengths[:, None] + jnp.arange(count)[None, :]
+  return jnp.stack(tokens, axis=1), positions, cache
+
+
+def attention_probs(config: ModelConfig, params, cache: FullKVCache, tokens, positions):
+  """Every head's attention probabilities [L, B, Hkv, G, T, S] of queries `tokens` at `positions`
+  [B, T] over the cache (their own keys (re)written first, as in `key_scores`)."""
+  _, sown = Transformer(config).apply({"params": params}, tokens, positions,
+                                      cache.truncate(positions[:, 0]), mutable="attention")
+  return sown["attention"]["layers"]["probs"][0]
+
+
+def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+  """The attention mass the drafter's own `sparsity.lookahead` greedy next tokens give each key."""
+  del rng
+  tokens, positions, cache = lookahead(config, params, cache, prompt, prompt_lengths,
+                                       sparsity.lookahead)
+  return key_scores(config, params, cache, tokens, positions)[0]
 
 
 POLICIES = {"streaming": streaming_scores, "snapkv": snapkv_scores, "h2o": h2o_scores,

@@ -1,0 +1,136 @@
+"""Device meshes and the one table that says how every array is laid out on them.
+
+Arrays are annotated with logical axis names (`PARAM_AXES`, `CACHE_AXES`: `batch`, `heads`,
+`kv_heads`, `mlp`, `vocab`, ...) and `RULES` maps each name to a mesh axis (MaxText style):
+batch -> data; heads, kv_heads, mlp, vocab -> model (tensor parallel); the rest replicated. Model
+and decoding code carry no sharding literals: parameters, caches and decode states are placed with
+these shardings and the jitted loops follow their inputs (GSPMD inserts the collectives), so one
+program runs on one CPU or on a mesh of accelerators.
+
+A dimension that the mesh axis does not divide is replicated instead (e.g. a batch of 1 on
+data = 4): sharding changes where a computation runs, never what it computes.
+"""
+
+from collections.abc import Mapping
+
+import jax
+from jax.sharding import AxisType, NamedSharding, PartitionSpec
+
+from budgetdraft.models.kv_cache import FullKVCache, MaskedKVCache, SparseKVCache
+
+RULES = (("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
+         ("vocab", "model"), ("embed", None), ("layers", None), ("length", None),
+         ("head_dim", None))
+
+PARAM_AXES = {
+    "embed/embedding": ("vocab", "embed"),
+    "layers/attn_norm/scale": ("layers", "embed"),
+    "layers/mlp_norm/scale": ("layers", "embed"),
+    "layers/q_proj/kernel": ("layers", "embed", "heads"),
+    "layers/k_proj/kernel": ("layers", "embed", "kv_heads"),
+    "layers/v_proj/kernel": ("layers", "embed", "kv_heads"),
+    "layers/o_proj/kernel": ("layers", "heads", "embed"),
+    "layers/q_proj/bias": ("layers", "heads"),
+    "layers/k_proj/bias": ("layers", "kv_heads"),
+    "layers/v_proj/bias": ("layers", "kv_heads"),
+    "layers/gate_proj/kernel": ("layers", "embed", "mlp"),
+    "layers/up_proj/kernel": ("layers", "embed", "mlp"),
+    "layers/down_proj/kernel": ("layers", "mlp", "embed"),
+    "final_norm/scale": ("embed",),
+    "lm_head/kernel": ("embed", "vocab"),
+}
+
+KV = ("layers", "batch", "kv_heads", "length", "head_dim")
+CACHE_AXES = {
+    FullKVCache: {"k": KV, "v": KV, "length": ("batch",), "skipped": ("batch",)},
+    SparseKVCache: {"k": KV, "v": KV, "positions": KV[:4], "length": ("batch",),
+                    "ring_base": ("batch",)},
+}
+
+
+def make_mesh(spec: str = "", devices=None) -> jax.sharding.Mesh:
+  """A mesh with axes `data` and `model` from "data=4,model=2" ("" = every device on data).
+
+  Axis sizes must multiply to the device count; an axis left out has size 1.
+  """
+  devices = list(devices if devices is not None else jax.devices())
+  sizes = {"data": len(devices), "model": 1} if not spec.strip() else {"data": 1, "model": 1}
+  if spec.strip():
+    for part in spec.split(","):
+      name, _, value = part.partition("=")
+      name = name.strip()
+      if name not in sizes or not value.strip().isdigit() or int(value) < 1:
+        raise ValueError(f"mesh {spec!r}: expected comma-separated data=<n>, model=<n> with n >= 1")
+      sizes[name] = int(value)
+  if sizes["data"] * sizes["model"] != len(devices):
+    raise ValueError(f"mesh {spec!r} needs {sizes['data'] * sizes['model']} devices; "
+                     f"{len(devices)} are available")
+  return jax.make_mesh((sizes["data"], sizes["model"]), ("data", "model"),
+                       axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
+
+
+def logical_sharding(mesh, axes: tuple, shape: tuple) -> NamedSharding:
+  """The sharding of an array of `shape` with logical `axes`, by `RULES` (replicated where the
+  mesh axis does not divide the dimension)."""
+  rules = dict(RULES)
+  spec = []
+  for name, size in zip(axes, shape):
+    mesh_axis = None if name is None else rules[name]
+    fits = mesh_axis is not None and size % mesh.shape[mesh_axis] == 0
+    spec.append(mesh_axis if fits and mesh.shape[mesh_axis] > 1 else None)
+  return NamedSharding(mesh, PartitionSpec(*spec))
+
+
+def param_shardings(mesh, params: Mapping):
+  """NamedShardings for a params tree (`Transformer`'s), by `PARAM_AXES`."""
+  def sharding(path, leaf):
+    name = "/".join(key.key for key in path)
+    if name not in PARAM_AXES:
+      raise ValueError(f"parameter {name} has no entry in parallel.PARAM_AXES")
+    return logical_sharding(mesh, PARAM_AXES[name], leaf.shape)
+  return jax.tree_util.tree_map_with_path(sharding, params)
+
+
+def cache_shardings(mesh, cache):
+  """NamedShardings for a KV cache, by `CACHE_AXES`."""
+  if isinstance(cache, MaskedKVCache):
+    return cache.replace(cache=cache_shardings(mesh, cache.cache),
+                         keep=logical_sharding(mesh, KV[:4], cache.keep.shape),
+                         ring_base=logical_sharding(mesh, ("batch",), cache.ring_base.shape))
+  axes = CACHE_AXES[type(cache)]
+  return cache.replace(**{field: logical_sharding(mesh, names, getattr(cache, field).shape)
+                          for field, names in axes.items()})
+
+
+def state_shardings(mesh, state, batch_size: int):
+  """NamedShardings for a decode state (AR or speculative): caches by their rules, every other
+  array with a leading batch dimension along `batch`, the rest (step, rng) replicated."""
+  def sharding(leaf):
+    if isinstance(leaf, (FullKVCache, SparseKVCache, MaskedKVCache)):
+      return cache_shardings(mesh, leaf)
+    shape = getattr(leaf, "shape", ())
+    if shape and shape[0] == batch_size:
+      return logical_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+    return NamedSharding(mesh, PartitionSpec())
+  is_cache = lambda x: isinstance(x, (FullKVCache, SparseKVCache, MaskedKVCache))
+  return jax.tree.map(sharding, state, is_leaf=is_cache)
+
+
+def batch_sharding(mesh, shape: tuple) -> NamedSharding:
+  """A [B, ...] input (prompts, lengths) split along `batch`."""
+  return logical_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+
+
+def place(mesh, params_trees: tuple, prompt, lengths):
+  """(params trees, prompt, lengths) on `mesh` by the rules; unchanged when mesh is None."""
+  if mesh is None:
+    return params_trees, prompt, lengths
+  params_trees = tuple(jax.device_put(p, param_shardings(mesh, p)) for p in params_trees)
+  prompt, lengths = (jax.device_put(x, batch_sharding(mesh, x.shape)) for x in (prompt, lengths))
+  return params_trees, prompt, lengths
+
+
+def place_state(mesh, state, batch_size: int):
+  """A decode state on `mesh` by the rules (a no-op move where XLA already laid it out so)."""
+  return state if mesh is None else jax.device_put(state,
+                                                   state_shardings(mesh, state, batch_size))

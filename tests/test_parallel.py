@@ -1,0 +1,101 @@
+"""Sharded decoding on a mesh of 8 fake CPU devices equals unsharded decoding, token for token, and
+every array is laid out as `parallel.RULES` says. The mesh runs in a subprocess: the device count is
+fixed when jax starts."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+from budgetdraft import parallel
+from tests.conftest import REPO_ROOT
+
+
+def _sharded_run() -> dict:
+  """Runs in the subprocess (8 devices): AR and speculative greedy decoding, unsharded and on two
+  meshes, and the shardings the rules gave."""
+  import flax
+  import numpy as np
+  from budgetdraft.decoding import autoregressive, speculative
+  from budgetdraft.decoding.sampling import SamplingConfig
+  from budgetdraft.models.config import get_config
+  from budgetdraft.models.prefill import pad_prompts
+  from budgetdraft.models.transformer import init_params
+  from budgetdraft.sparsity.selection import SparsityConfig
+
+  config = get_config("tiny", attention_bias=True)  # 4 heads, 2 KV heads, mlp 128, vocab 256
+  params = init_params(config, jax.random.key(0))
+  drafter = init_params(config, jax.random.key(1))
+  prompts = [np.random.default_rng(i).integers(0, 256, 50 + 9 * i).tolist() for i in range(4)]
+  spec = speculative.SpeculativeConfig(
+      gamma=3, rule="greedy", max_new_tokens=12, prefill_chunk=32,
+      sparsity=SparsityConfig(policy="snapkv", budget=40, window=8, recent=16))
+  ar = lambda mesh: autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                            max_new_tokens=12, prefill_chunk=32, mesh=mesh)
+  sd = lambda mesh: speculative.generate(params, drafter, prompts, jax.random.key(0),
+                                         verifier_config=config, drafter_config=config, spec=spec,
+                                         mesh=mesh)[0]
+  out = {"devices": len(jax.devices()), "ar": ar(None), "spec": sd(None)}
+  for name in ("data=4,model=2", "data=8", "model=2,data=4"):
+    mesh = parallel.make_mesh(name)
+    out[name] = {"ar": ar(mesh), "spec": sd(mesh)}
+  mesh = parallel.make_mesh("data=4,model=2")
+  shardings = flax.traverse_util.flatten_dict(parallel.param_shardings(mesh, params), sep="/")
+  out["params"] = {name: list(shardings[name].spec) for name in (
+      "layers/q_proj/kernel", "layers/k_proj/bias", "layers/down_proj/kernel", "embed/embedding",
+      "layers/attn_norm/scale", "final_norm/scale")}
+  (placed,), prompt, lengths = parallel.place(
+      mesh, (params,), *pad_prompts(prompts, 0, 256))
+  static = dict(config=config, sampling=SamplingConfig(), eos_id=None, pad_id=0)
+  state = autoregressive.start(placed, prompt, lengths, jax.random.key(0), max_new_tokens=12,
+                               prefill_chunk=32, **static)
+  final = autoregressive.decode(placed, parallel.place_state(mesh, state, 4), **static)
+  spec = lambda x: list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
+  out["cache"] = {"k": spec(final.cache.k), "length": spec(final.cache.length)}
+  return out
+
+
+@pytest.fixture(scope="module")
+def sharded():
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+             JAX_PLATFORMS="cpu")
+  result = subprocess.run(
+      [sys.executable, "-c", "import json, tests.test_parallel as t; "
+       "print('RESULT', json.dumps(t._sharded_run()))"],
+      cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
+  assert result.returncode == 0, result.stderr[-3000:]
+  line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")][-1]
+  return json.loads(line[len("RESULT "):])
+
+
+def test_sharded_decoding_equals_unsharded(sharded):
+  assert sharded["devices"] == 8
+  for mesh in ("data=4,model=2", "data=8", "model=2,data=4"):
+    assert sharded[mesh]["ar"] == sharded["ar"], mesh
+    assert sharded[mesh]["spec"] == sharded["spec"], mesh
+  assert sharded["ar"] == sharded["spec"]  # greedy speculative = greedy AR
+
+
+def test_arrays_are_laid_out_by_the_rules_table(sharded):
+  assert sharded["params"] == {
+      "layers/q_proj/kernel": [None, None, "model"], "layers/k_proj/bias": [None, "model"],
+      "layers/down_proj/kernel": [None, "model", None], "embed/embedding": ["model", None],
+      "layers/attn_norm/scale": [None, None], "final_norm/scale": [None]}
+  assert sharded["cache"] == {"k": [None, "data", "model", None, None], "length": ["data"]}
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("data=2", "needs 2 devices; 1 are available"), ("pipe=1", "expected comma-separated"),
+    ("data=0", "expected comma-separated"), ("data=x", "expected comma-separated")])
+def test_bad_mesh_specs_are_refused(spec, message):
+  with pytest.raises(ValueError, match=message):
+    parallel.make_mesh(spec)
+
+
+def test_one_device_mesh_replicates_everything():
+  mesh = parallel.make_mesh("")
+  sharding = parallel.logical_sharding(mesh, ("batch", "heads"), (4, 8))
+  assert sharding.spec == jax.sharding.PartitionSpec(None, None)
