@@ -4,6 +4,7 @@ fixed when jax starts."""
 
 import json
 import os
+import socket
 import subprocess
 import sys
 
@@ -14,15 +15,12 @@ from budgetdraft import parallel
 from tests.conftest import REPO_ROOT
 
 
-def _sharded_run() -> dict:
-  """Runs in the subprocess (8 devices): AR and speculative greedy decoding, unsharded and on two
-  meshes, and the shardings the rules gave."""
-  import flax
+def _decoders():
+  """(AR, speculative) greedy decoding of 4 ragged prompts with a tiny model, each a function of
+  the mesh (None = unsharded), and the model's params and config."""
   import numpy as np
   from budgetdraft.decoding import autoregressive, speculative
-  from budgetdraft.decoding.sampling import SamplingConfig
   from budgetdraft.models.config import get_config
-  from budgetdraft.models.prefill import pad_prompts
   from budgetdraft.models.transformer import init_params
   from budgetdraft.sparsity.selection import SparsityConfig
 
@@ -38,6 +36,28 @@ def _sharded_run() -> dict:
   sd = lambda mesh: speculative.generate(params, drafter, prompts, jax.random.key(0),
                                          verifier_config=config, drafter_config=config, spec=spec,
                                          mesh=mesh)[0]
+  return ar, sd, params, config, prompts
+
+
+def _process_run(port: int, process_id: int) -> dict:
+  """One of two CPU processes of a multi-process run: greedy decoding on a data=2 mesh spanning
+  both processes' devices."""
+  parallel.initialize(f"127.0.0.1:{port}", 2, process_id)
+  ar, sd, *_ = _decoders()
+  mesh = parallel.make_mesh("data=2")
+  return {"devices": len(jax.devices()), "local": len(jax.local_devices()), "ar": ar(mesh),
+          "spec": sd(mesh)}
+
+
+def _sharded_run() -> dict:
+  """Runs in the subprocess (8 devices): AR and speculative greedy decoding, unsharded and on
+  three meshes, and the shardings the rules gave."""
+  import flax
+  from budgetdraft.decoding import autoregressive
+  from budgetdraft.decoding.sampling import SamplingConfig
+  from budgetdraft.models.prefill import pad_prompts
+
+  ar, sd, params, config, prompts = _decoders()
   out = {"devices": len(jax.devices()), "ar": ar(None), "spec": sd(None)}
   for name in ("data=4,model=2", "data=8", "model=2,data=4"):
     mesh = parallel.make_mesh(name)
@@ -71,6 +91,28 @@ def sharded():
   return json.loads(line[len("RESULT "):])
 
 
+def test_two_processes_decode_what_one_does(sharded):
+  """A multi-process run (jax.distributed, gloo, a coordinator on 127.0.0.1): each process holds
+  one device of a data=2 mesh and every process ends with the unsharded tokens."""
+  with socket.socket() as probe:
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)
+  runs = [subprocess.Popen(
+      [sys.executable, "-c", "import json, tests.test_parallel as t; "
+       f"print('RESULT', json.dumps(t._process_run({port}, {i})))"],
+      cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+      for i in range(2)]
+  for run in runs:
+    stdout, stderr = run.communicate(timeout=600)
+    assert run.returncode == 0, stderr[-3000:]
+    line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
+    result = json.loads(line[len("RESULT "):])
+    assert result["devices"] == 2 and result["local"] == 1
+    assert result["ar"] == sharded["ar"] and result["spec"] == sharded["spec"]
+
+
 def test_sharded_decoding_equals_unsharded(sharded):
   assert sharded["devices"] == 8
   for mesh in ("data=4,model=2", "data=8", "model=2,data=4"):
@@ -93,6 +135,12 @@ def test_arrays_are_laid_out_by_the_rules_table(sharded):
 def test_bad_mesh_specs_are_refused(spec, message):
   with pytest.raises(ValueError, match=message):
     parallel.make_mesh(spec)
+
+
+@pytest.mark.parametrize("args", [("127.0.0.1:1234", 1, 0), ("", 2, 0), ("h:1", 2, 2)])
+def test_bad_multiprocess_settings_are_refused(args):
+  with pytest.raises(ValueError, match="give host:port"):
+    parallel.initialize(*args)
 
 
 def test_one_device_mesh_replicates_everything():

@@ -14,7 +14,9 @@ data = 4): sharding changes where a computation runs, never what it computes.
 from collections.abc import Mapping
 
 import jax
+from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
+import numpy as np
 
 from budgetdraft.models.kv_cache import FullKVCache, MaskedKVCache, SparseKVCache
 
@@ -134,3 +136,30 @@ def place_state(mesh, state, batch_size: int):
   """A decode state on `mesh` by the rules (a no-op move where XLA already laid it out so)."""
   return state if mesh is None else jax.device_put(state,
                                                    state_shardings(mesh, state, batch_size))
+
+
+def initialize(coordinator: str = "", num_processes: int = 1, process_id: int = 0) -> None:
+  """Joins a multi-process run, so that `jax.devices()` spans every process's devices.
+
+  One process (the default): nothing to do. On a TPU pod or a SLURM / Open MPI GPU cluster, call it
+  with coordinator="auto" and jax reads the topology from the environment; elsewhere (e.g. several
+  CPU processes on one host) give the coordinator's host:port, the process count and this
+  process's id. CPU processes exchange data through gloo.
+  """
+  if coordinator == "" and num_processes == 1:
+    return
+  if coordinator == "auto":
+    jax.distributed.initialize()
+    return
+  if not coordinator or num_processes < 2 or not 0 <= process_id < num_processes:
+    raise ValueError(f"coordinator={coordinator!r}, num_processes={num_processes}, process_id="
+                     f"{process_id}: give host:port, >= 2 processes and an id in [0, processes)")
+  jax.config.update("jax_cpu_collectives_implementation", "gloo")
+  jax.distributed.initialize(coordinator, num_processes, process_id)
+
+
+def to_host(array) -> np.ndarray:
+  """A (possibly multi-process) array as one NumPy array on every process."""
+  if getattr(array, "is_fully_addressable", True):
+    return np.asarray(array)
+  return np.asarray(multihost_utils.process_allgather(array, tiled=True))

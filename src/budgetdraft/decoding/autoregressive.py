@@ -5,7 +5,6 @@ import functools
 import flax.struct
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from budgetdraft import parallel
 from budgetdraft.decoding import sampling as sampling_lib
@@ -117,5 +116,5 @@ def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_
   state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,
                 prefill_chunk=prefill_chunk, **kwargs)
   state = decode(params, parallel.place_state(mesh, state, len(prompts)), **kwargs)
-  tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
+  tokens, counts = parallel.to_host(state.tokens), parallel.to_host(state.num_emitted)
   return [row[:n].tolist() for row, n in zip(tokens, counts)]

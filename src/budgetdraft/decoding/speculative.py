@@ -412,7 +412,7 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
 
 def outputs_and_stats(state: SpecState, spec: SpeculativeConfig):
   """(emitted token lists, `RoundStats` summed over the batch) of a finished run."""
-  tokens, counts = np.asarray(state.tokens), np.asarray(state.num_emitted)
+  tokens, counts = parallel.to_host(state.tokens), parallel.to_host(state.num_emitted)
   counts = np.minimum(counts, spec.max_new_tokens)
-  stats = RoundStats(tuple(np.asarray(state.accepted_counts).sum(0).tolist()))
+  stats = RoundStats(tuple(parallel.to_host(state.accepted_counts).sum(0).tolist()))
   return [row[:n].tolist() for row, n in zip(tokens, counts)], stats
