@@ -1,6 +1,6 @@
-"""Sharded decoding on a mesh of 8 fake CPU devices equals unsharded decoding, token for token, and
-every array is laid out as `parallel.RULES` says. The mesh runs in a subprocess: the device count is
-fixed when jax starts."""
+"""Sharded decoding equals unsharded decoding, token for token (a tiny model on 8 fake CPU devices,
+SmolLM2 on 6 with model=3, two CPU processes), and every array is laid out as `parallel.RULES`
+says. Meshes run in subprocesses: the device count is fixed when jax starts."""
 
 import json
 import os
@@ -49,6 +49,35 @@ def _process_run(port: int, process_id: int) -> dict:
           "spec": sd(mesh)}
 
 
+def _smollm2_run() -> dict:
+  """Runs in a subprocess (6 devices): SmolLM2 greedy AR and speculative decoding (a 4-layer cut
+  drafting over SnapKV), unsharded and on data=2,model=3 (9 heads, 3 KV heads, vocab 49152)."""
+  from budgetdraft import drafters
+  from budgetdraft.decoding import autoregressive, speculative
+  from budgetdraft.models import checkpoint_io
+  from budgetdraft.sparsity.selection import SparsityConfig
+
+  verifier = checkpoint_io.load()
+  tokenizer = verifier.tokenizer
+  prompts = [tokenizer.encode(tokenizer.chat_prompt(question)) for question in
+             ("What is the capital of France?", "Name three colors of the rainbow.")]
+  drafter_config, drafter_params = drafters.load("layers:4", verifier.config, verifier.params)
+  spec = speculative.SpeculativeConfig(
+      gamma=3, rule="greedy", max_new_tokens=16, prefill_chunk=64,
+      sparsity=SparsityConfig(policy="snapkv", budget=20, sinks=2, window=8, observation=8))
+  out = {}
+  for name in ("", "data=2,model=3"):
+    mesh = parallel.make_mesh(name) if name else None
+    out[name or "unsharded"] = {
+        "ar": autoregressive.generate(verifier.params, prompts, jax.random.key(0),
+                                      config=verifier.config, max_new_tokens=16,
+                                      prefill_chunk=64, mesh=mesh),
+        "spec": speculative.generate(verifier.params, drafter_params, prompts, jax.random.key(0),
+                                     verifier_config=verifier.config,
+                                     drafter_config=drafter_config, spec=spec, mesh=mesh)[0]}
+  return out
+
+
 def _sharded_run() -> dict:
   """Runs in the subprocess (8 devices): AR and speculative greedy decoding, unsharded and on
   three meshes, and the shardings the rules gave."""
@@ -78,17 +107,30 @@ def _sharded_run() -> dict:
   return out
 
 
-@pytest.fixture(scope="module")
-def sharded():
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8",
+def _in_subprocess(function: str, devices: int) -> dict:
+  """The JSON result of `tests.test_parallel.<function>()` run with `devices` fake CPU devices."""
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
              JAX_PLATFORMS="cpu")
   result = subprocess.run(
       [sys.executable, "-c", "import json, tests.test_parallel as t; "
-       "print('RESULT', json.dumps(t._sharded_run()))"],
+       f"print('RESULT', json.dumps(t.{function}()))"],
       cwd=REPO_ROOT, env=env, capture_output=True, text=True, timeout=900)
   assert result.returncode == 0, result.stderr[-3000:]
   line = [l for l in result.stdout.splitlines() if l.startswith("RESULT ")][-1]
   return json.loads(line[len("RESULT "):])
+
+
+@pytest.fixture(scope="module")
+def sharded():
+  return _in_subprocess("_sharded_run", 8)
+
+
+@pytest.mark.slow
+def test_smollm2_tensor_parallel_over_three_devices_equals_unsharded():
+  out = _in_subprocess("_smollm2_run", 6)
+  assert out["data=2,model=3"] == out["unsharded"]
+  assert out["unsharded"]["ar"] == out["unsharded"]["spec"]
+  assert all(len(tokens) == 16 for tokens in out["unsharded"]["ar"])
 
 
 def test_two_processes_decode_what_one_does(sharded):
