@@ -9,7 +9,6 @@ prompt is measured in the same run (`budgetdraft.evaluation.peers`).
 
 from absl import app, flags, logging
 from ml_collections import config_flags
-import numpy as np
 
 from budgetdraft.data import packing
 from budgetdraft.evaluation import decode_speed, peers, results, timing
@@ -31,14 +30,10 @@ def main(argv):
                                    max_new_tokens=cfg.max_new_tokens,
                                    prefill_chunk=cfg.prefill_chunk, bandwidth=bandwidth)
   if cfg.hf_peer and peers.hf_installed():
-    ours = {row["context"]: row["tokens"] for row in rows}
-    hf_rows = peers.hf_decode_speed(model, prompt, list(cfg.contexts),
-                                    max_new_tokens=cfg.max_new_tokens, bandwidth=bandwidth,
-                                    weight_bytes=timing.tree_bytes(model.params))
-    for row in hf_rows:
-      same = np.asarray(row["tokens"]) == np.asarray(ours[row["context"]])
-      row["same greedy tokens"] = int(np.argmin(np.append(same, False)))
-    rows += hf_rows
+    rows += peers.hf_decode_speed(model, prompt, list(cfg.contexts),
+                                  max_new_tokens=cfg.max_new_tokens, bandwidth=bandwidth,
+                                  weight_bytes=timing.tree_bytes(model.params),
+                                  reference_rows=rows)
   elif cfg.hf_peer:
     logging.warning("HF transformers is not installed (pip install -e .[peers]): no peer rows")
 

@@ -37,14 +37,15 @@ def main(argv):
   if cfg.continuation > cfg.max_new_tokens or cfg.greedy_tokens > cfg.max_new_tokens:
     raise ValueError(f"continuation ({cfg.continuation}) and greedy_tokens ({cfg.greedy_tokens}) "
                      f"must fit in max_new_tokens ({cfg.max_new_tokens})")
-  for context in cfg.contexts:
-    if context - cfg.max_new_tokens - cfg.gamma - 1 < 4 * selection.chunk:
+  prompt_lengths = {context: context - settings.room(selection.lookahead)
+                    for context in cfg.contexts}
+  for context, length in prompt_lengths.items():
+    if length < 4 * selection.chunk:
       raise ValueError(f"context {context} leaves too short a prompt after max_new_tokens="
                        f"{cfg.max_new_tokens} (at least 4 chunks of {selection.chunk} are needed)")
   verifier = checkpoint_io.load(cfg.checkpoint)
   prompts = {}
-  for context in cfg.contexts:
-    length = context - cfg.max_new_tokens - cfg.gamma - 1
+  for context, length in prompt_lengths.items():
     windows = packing.dataset_sequences(
         cfg.dataset, cfg.data_dir, cfg.split, verifier.tokenizer, length + cfg.continuation,
         max(cfg.book_prompts, cfg.passkey_prompts))
@@ -65,7 +66,7 @@ def main(argv):
       f"Verifier {verifier.name}, batch 1, greedy. Per context: {cfg.book_prompts} held-out "
       f"{cfg.dataset}/{cfg.split} windows (task books) and {cfg.passkey_prompts} pass-key prompts "
       "(a 5-digit key hidden at depths spread over 10-90% of book filler), prompts of context - "
-      f"{cfg.max_new_tokens + cfg.gamma + 1} tokens; rows are means over a task's prompts. "
+      f"{settings.room(selection.lookahead)} tokens; rows are means over a task's prompts. "
       f"Selection: chunks of {selection.chunk}, last {selection.window} tokens always kept, "
       f"{selection.lookahead} look-ahead queries, pooling {selection.pool}. TTFT = scorer prefill "
       "+ scoring + the verifier's prefill of the kept tokens (`scorer s` is the first two), "

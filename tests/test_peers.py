@@ -31,7 +31,9 @@ def test_hf_peer_decodes_our_greedy_tokens(tmp_path, fmt):
   ours = decode_speed.decode_speed(model, prompt, [128, 216], prefill_chunk=64, repeats=1,
                                    **kwargs)
   theirs = peers.hf_decode_speed(model, prompt, [128, 216], repeats=1,
-                                 weight_bytes=timing.tree_bytes(model.params), **kwargs)
+                                 weight_bytes=timing.tree_bytes(model.params),
+                                 reference_rows=ours, **kwargs)
   for mine, hf in zip(ours, theirs):
     assert hf["tokens"] == mine["tokens"] and hf["context"] == mine["context"]
+    assert hf["same greedy tokens"] == 16
     assert hf["ms/step"] > 0 and hf["system"].startswith("HF transformers")

@@ -26,6 +26,12 @@ from budgetdraft.models.prefill import check_request
 _INCOMPLETE = "\ufffd"  # what byte-level decoding gives for a cut multi-byte character
 
 
+def generation_room(spec: SpeculativeConfig, speculative: bool) -> int:
+  """Cache positions decoding writes past the prompt (a last round's whole draft tree, or
+  max_new_tokens autoregressively)."""
+  return speculative_lib.positions_after_prompt(spec) if speculative else spec.max_new_tokens
+
+
 def prompt_tokens(model: Checkpoint, text: str, *, chat: bool, spec: SpeculativeConfig,
                   speculative: bool, truncate: bool) -> list[int]:
   """The prompt's tokens, leaving the context room that decoding with `spec` writes.
@@ -35,8 +41,7 @@ def prompt_tokens(model: Checkpoint, text: str, *, chat: bool, spec: Speculative
   """
   if not text.strip():
     raise ValueError("the prompt is empty")
-  room = (speculative_lib.positions_after_prompt(spec) if speculative
-          else spec.max_new_tokens)
+  room = generation_room(spec, speculative)
   tokens = model.tokenizer.encode(model.tokenizer.chat_prompt(text) if chat else text)
   limit = model.config.max_context - room
   if len(tokens) > limit:
@@ -96,9 +101,9 @@ class Generation:
 
   def _start_pruned(self, verifier_params, scorer_params, prompt, lengths, rng):
     """A speculative prefill, then the first token (AR or speculative)."""
-    room = (self.spec.max_new_tokens if self.drafter is None
-            else speculative_lib.positions_after_prompt(self.spec))
-    capacity = check_request(self.verifier.config, prompt.shape[1], room, self.spec.prefill_chunk)
+    capacity = check_request(self.verifier.config, prompt.shape[1],
+                             generation_room(self.spec, self.drafter is not None),
+                             self.spec.prefill_chunk)
     logits, cache, scores, num_kept = specprefill.prefill_caches(
         verifier_params, scorer_params, prompt, lengths, verifier_config=self.verifier.config,
         scorer_config=self.scorer[0], settings=self.selection, capacity=capacity,

@@ -107,14 +107,15 @@ def cache_shardings(mesh, cache):
 def state_shardings(mesh, state, batch_size: int):
   """NamedShardings for a decode state (AR or speculative): caches by their rules, every other
   array with a leading batch dimension along `batch`, the rest (step, rng) replicated."""
+  is_cache = lambda leaf: isinstance(leaf, (FullKVCache, SparseKVCache, MaskedKVCache))
+
   def sharding(leaf):
-    if isinstance(leaf, (FullKVCache, SparseKVCache, MaskedKVCache)):
+    if is_cache(leaf):
       return cache_shardings(mesh, leaf)
     shape = getattr(leaf, "shape", ())
     if shape and shape[0] == batch_size:
-      return logical_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+      return batch_sharding(mesh, shape)
     return NamedSharding(mesh, PartitionSpec())
-  is_cache = lambda x: isinstance(x, (FullKVCache, SparseKVCache, MaskedKVCache))
   return jax.tree.map(sharding, state, is_leaf=is_cache)
 
 

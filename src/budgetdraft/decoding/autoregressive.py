@@ -10,7 +10,7 @@ from budgetdraft import parallel
 from budgetdraft.decoding import sampling as sampling_lib
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache
-from budgetdraft.models.prefill import check_request, pad_prompts, prefill
+from budgetdraft.models.prefill import check_request, check_token_id, pad_prompts, prefill
 from budgetdraft.models.transformer import Transformer
 
 
@@ -109,8 +109,7 @@ def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_
   mesh: a `parallel.make_mesh` mesh to run on (params tensor-parallel, rows data-parallel).
   """
   prompt, lengths = pad_prompts(prompts, pad_id, config.vocab_size)
-  if eos_id is not None and not 0 <= eos_id < config.vocab_size:
-    raise ValueError(f"eos_id={eos_id} is not a token id of [0, {config.vocab_size})")
+  check_token_id("eos_id", eos_id, config.vocab_size)
   kwargs = dict(config=config, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
   (params,), prompt, lengths = parallel.place(mesh, (params,), prompt, lengths)
   state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,

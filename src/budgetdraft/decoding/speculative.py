@@ -24,7 +24,8 @@ from budgetdraft import parallel, verification
 from budgetdraft.decoding import sampling as sampling_lib
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache, SparseKVCache
-from budgetdraft.models.prefill import check_request, pad_prompts, prefill, request_capacity
+from budgetdraft.models.prefill import (check_request, check_token_id, pad_prompts, prefill,
+                                        request_capacity)
 from budgetdraft.models.transformer import Transformer
 from budgetdraft.sparsity import selection
 
@@ -395,9 +396,7 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
     raise ValueError(f"drafter vocab {drafter_config.vocab_size} != verifier vocab "
                      f"{verifier_config.vocab_size}: they must share the tokenizer")
   prompt, lengths = pad_prompts(prompts, spec.pad_id, verifier_config.vocab_size)
-  if spec.eos_id is not None and not 0 <= spec.eos_id < verifier_config.vocab_size:
-    raise ValueError(f"eos_id={spec.eos_id} is not a token id of [0, "
-                     f"{verifier_config.vocab_size})")
+  check_token_id("eos_id", spec.eos_id, verifier_config.vocab_size)
   if spec.sparsity is not None and spec.sparsity.window > int(lengths.min()):
     raise ValueError(f"sparsity window {spec.sparsity.window} exceeds the shortest prompt "
                      f"({int(lengths.min())} tokens)")

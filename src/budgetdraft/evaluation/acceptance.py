@@ -108,7 +108,8 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, bu
         for budget, drafter_logits in zip(budgets, logits(config, params, sparsities)):
           overlap, stats = path_statistics(verifier_logits, drafter_logits, greedy, gamma,
                                            max_new_tokens)
-          total_overlap, total_stats = totals.get((label, budget), (0.0, RoundStats.of_rounds([], gamma)))
+          total_overlap, total_stats = totals.get((label, budget),
+                                                  (0.0, RoundStats.of_rounds([], gamma)))
           totals[(label, budget)] = (total_overlap + overlap, total_stats + stats)
       logging.info("context %d prompt %d/%d measured in %.0f s", context, prompt_index + 1,
                    len(windows), time.time() - started)

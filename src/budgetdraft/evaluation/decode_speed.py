@@ -7,6 +7,7 @@ floor = (weight bytes + KV bytes) / measured read bandwidth; `x floor` is how fa
 from absl import logging
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from budgetdraft.decoding import autoregressive
 from budgetdraft.decoding.sampling import SamplingConfig
@@ -35,18 +36,38 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
     state, prefill_s = timing.timed(start, params, prompt, lengths, jax.random.key(0))
     decode = timing.compiled(autoregressive.decode, params, state, **static)
     final, decode_times = timing.repeated(decode, lambda: (params, state), repeats)
-    steps = int(final.step) - 1  # the first token came from prefill
-    step_s = decode_times[len(decode_times) // 2] / steps
-    kv_bytes = 2 * config.num_layers * config.num_kv_heads * context * config.head_dim * (
-        config.dtype.itemsize)
-    floor_s = (weight_bytes + kv_bytes) / bandwidth
-    rows.append({"system": f"budgetdraft (jax {jax.__version__}, {jax.devices()[0].platform})",
-                 "context": context, "prompt tokens": prompt_len,
-                 "prefill s": prefill_s, "prefill tok/s": prompt_len / prefill_s,
-                 "decode tok/s": 1 / step_s, "ms/step": 1e3 * step_s,
-                 "ms/step min-max": f"{1e3 * decode_times[0] / steps:.1f}-"
-                                    f"{1e3 * decode_times[-1] / steps:.1f}",
-                 "floor ms/step": 1e3 * floor_s, "x floor": step_s / floor_s,
-                 "tokens": [int(t) for t in final.tokens[0]]})
-    logging.info("%s", {k: v for k, v in rows[-1].items() if k != "tokens"})
+    rows.append(speed_row(
+        f"budgetdraft (jax {jax.__version__}, {jax.devices()[0].platform})", context=context,
+        prompt_len=prompt_len, prefill_s=prefill_s, decode_times=decode_times,
+        steps=int(final.step) - 1,  # the first token came from prefill
+        floor_bytes=weight_bytes + kv_bytes(config, context, config.dtype.itemsize),
+        bandwidth=bandwidth, tokens=[int(t) for t in final.tokens[0]]))
   return rows
+
+
+def kv_bytes(config, context: int, itemsize: int) -> int:
+  """Bytes of keys and values a decode step reads at `context` tokens."""
+  return 2 * config.num_layers * config.num_kv_heads * context * config.head_dim * itemsize
+
+
+def speed_row(system: str, *, context: int, prompt_len: int, prefill_s: float, decode_times,
+              steps: int, floor_bytes: int, bandwidth: float, tokens: list[int]) -> dict:
+  """A table row of one system at one context: decode_times (sorted seconds of each decode run of
+  `steps` steps) give the median and the spread; floor = floor_bytes / bandwidth per step."""
+  step_s = decode_times[len(decode_times) // 2] / steps
+  floor_s = floor_bytes / bandwidth
+  row = {"system": system, "context": context, "prompt tokens": prompt_len,
+         "prefill s": prefill_s, "prefill tok/s": prompt_len / prefill_s,
+         "decode tok/s": 1 / step_s, "ms/step": 1e3 * step_s,
+         "ms/step min-max": f"{1e3 * decode_times[0] / steps:.1f}-"
+                            f"{1e3 * decode_times[-1] / steps:.1f}",
+         "floor ms/step": 1e3 * floor_s, "x floor": step_s / floor_s, "tokens": tokens}
+  logging.info("%s", {k: v for k, v in row.items() if k != "tokens"})
+  return row
+
+
+def same_prefix(tokens, reference) -> int:
+  """How many leading tokens two greedy runs agree on."""
+  n = min(len(tokens), len(reference))
+  same = np.asarray(tokens[:n]) == np.asarray(reference[:n])
+  return int(np.argmin(np.append(same, False)))

@@ -11,9 +11,9 @@ import importlib.util
 import os
 import time
 
-from absl import logging
 import numpy as np
 
+from budgetdraft.evaluation import decode_speed
 from budgetdraft.models.checkpoint_io import Checkpoint
 
 
@@ -34,14 +34,16 @@ def _hf_model(path: str):
 
 
 def hf_decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_new_tokens: int,
-                    bandwidth: float, weight_bytes: int, repeats: int = 3) -> list[dict]:
+                    bandwidth: float, weight_bytes: int, reference_rows: list[dict],
+                    repeats: int = 3) -> list[dict]:
   """Rows like `decode_speed.decode_speed`'s for HF transformers' greedy AR decoding (prefill
-  once per context, then the decode loop `repeats` times, each from a copy of the prefilled cache).
-  Each row holds the emitted `tokens` for comparison."""
+  once per context, then the decode loop `repeats` times, each from a copy of the prefilled cache),
+  each with `same greedy tokens`: its leading tokens equal to the reference row's of that context."""
   import torch
   import transformers
   hf = _hf_model(model.path)
   system = f"HF transformers {transformers.__version__} (torch {torch.__version__})"
+  reference = {row["context"]: row["tokens"] for row in reference_rows}
   rows = []
   for context in contexts:
     prompt_len = context - max_new_tokens
@@ -61,16 +63,11 @@ def hf_decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, ma
           token = out.logits[:, -1].argmax(-1, keepdim=True)
           tokens.append(int(token))
         times.append(time.perf_counter() - started)
-    times.sort()
-    steps = max_new_tokens - 1
-    step_s = times[len(times) // 2] / steps
-    kv_bytes = 2 * model.config.num_layers * model.config.num_kv_heads * context * (
-        model.config.head_dim * 4)
-    floor_s = (weight_bytes + kv_bytes) / bandwidth
-    rows.append({"system": system, "context": context, "prompt tokens": prompt_len,
-                 "prefill s": prefill_s, "prefill tok/s": prompt_len / prefill_s,
-                 "decode tok/s": 1 / step_s, "ms/step": 1e3 * step_s,
-                 "ms/step min-max": f"{1e3 * times[0] / steps:.1f}-{1e3 * times[-1] / steps:.1f}",
-                 "floor ms/step": 1e3 * floor_s, "x floor": step_s / floor_s, "tokens": tokens})
-    logging.info("%s", {k: v for k, v in rows[-1].items() if k != "tokens"})
+    row = decode_speed.speed_row(
+        system, context=context, prompt_len=prompt_len, prefill_s=prefill_s,
+        decode_times=sorted(times), steps=max_new_tokens - 1,
+        floor_bytes=weight_bytes + decode_speed.kv_bytes(model.config, context, 4),  # float32
+        bandwidth=bandwidth, tokens=tokens)
+    row["same greedy tokens"] = decode_speed.same_prefix(tokens, reference[context])
+    rows.append(row)
   return rows

@@ -19,7 +19,7 @@ from budgetdraft import drafters as drafters_lib
 from budgetdraft import specprefill
 from budgetdraft.data import retrieval
 from budgetdraft.decoding import autoregressive, sampling as sampling_lib, speculative
-from budgetdraft.evaluation import results, timing
+from budgetdraft.evaluation import decode_speed, timing
 from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.models.prefill import continuation_logits, request_capacity
 from budgetdraft.sparsity.selection import SparsityConfig
@@ -44,13 +44,21 @@ class Settings:
   drafter_budget: int = 256     # the scorer-as-drafter's KV budget (lookahead policy)
 
   def __post_init__(self):
-    self.drafter_sparsity(1)  # a budget below sinks + window fails here, before any model work
-    for name in ("greedy_tokens", "max_new_tokens", "prefill_chunk", "gamma"):
-      if getattr(self, name) < 1:
-        raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
+    if self.greedy_tokens < 1:
+      raise ValueError(f"greedy_tokens={self.greedy_tokens} must be >= 1")
+    self.spec(1)  # bad lengths or a budget below sinks + window fail here, before any model work
 
-  def drafter_sparsity(self, lookahead: int) -> SparsityConfig:
-    return SparsityConfig(policy="lookahead", budget=self.drafter_budget, lookahead=lookahead)
+  def spec(self, lookahead: int) -> speculative.SpeculativeConfig:
+    """Greedy speculative decoding with the scorer drafting over a lookahead-selected cache."""
+    return speculative.SpeculativeConfig(
+        gamma=self.gamma, rule="greedy", max_new_tokens=self.max_new_tokens,
+        prefill_chunk=self.prefill_chunk,
+        sparsity=SparsityConfig(policy="lookahead", budget=self.drafter_budget,
+                                lookahead=lookahead))
+
+  def room(self, lookahead: int) -> int:
+    """Cache positions decoding writes past the prompt."""
+    return speculative.positions_after_prompt(self.spec(lookahead))
 
 
 def _nll(verifier: Checkpoint, logits, cache, continuation) -> float:
@@ -78,10 +86,7 @@ def _spec_decode(verifier: Checkpoint, scorer, scores, logits, cache, prompt, le
   """(tokens, decode seconds, `RoundStats`) of greedy speculative decoding from the pruned cache,
   the scorer drafting over its lookahead-selected sparse cache."""
   scorer_config, scorer_params = scorer
-  spec = speculative.SpeculativeConfig(
-      gamma=settings.gamma, rule="greedy", max_new_tokens=settings.max_new_tokens,
-      prefill_chunk=settings.prefill_chunk,
-      sparsity=settings.drafter_sparsity(selection.lookahead))
+  spec = settings.spec(selection.lookahead)
   state = speculative.begin(scorer_params, logits, cache, scores.cache, prompt, lengths,
                             jax.random.key(1), scores.kv_scores, drafter_config=scorer_config,
                             spec=spec)
@@ -94,10 +99,9 @@ def _spec_decode(verifier: Checkpoint, scorer, scores, logits, cache, prompt, le
 
 def _quality(verifier: Checkpoint, item: Prompt, logits, cache, tokens, reference) -> dict:
   n = len(reference)
-  agree = float(np.mean(tokens[:n] == reference))
-  prefix = int(np.argmin(np.append(tokens[:n] == reference, False)))
-  row = {"NLL": _nll(verifier, logits, cache, item.continuation), "greedy agree": agree,
-         "same prefix": prefix}
+  row = {"NLL": _nll(verifier, logits, cache, item.continuation),
+         "greedy agree": float(np.mean(tokens[:n] == reference)),
+         "same prefix": decode_speed.same_prefix(tokens[:n], reference)}
   if item.passkey is not None:
     row["retrieved"] = float(retrieval.answered(verifier.tokenizer.decode(tokens[:n]),
                                                 item.passkey))
@@ -130,17 +134,18 @@ def specprefill_table(verifier: Checkpoint, prompts: dict, scorers: list[str],
   """
   rows = []
   for context, items in prompts.items():
-    capacity = request_capacity(len(items[0].tokens),
-                                settings.max_new_tokens + settings.gamma + 1,
+    capacity = request_capacity(len(items[0].tokens), settings.room(selection.lookahead),
                                 settings.prefill_chunk)
+    tasks = {}
+    for i, item in enumerate(items):
+      tasks.setdefault(item.task, []).append(i)
     full = [_full(verifier, item, settings, capacity) for item in items]
-    for task in dict.fromkeys(item.task for item in items):
-      picked = [i for i, item in enumerate(items) if item.task == task]
+    for task, picked in tasks.items():
       quality = [_quality(verifier, items[i], full[i]["logits"], full[i]["cache"],
                           full[i]["tokens"], full[i]["tokens"][:settings.greedy_tokens])
                  for i in picked]
       rows.append(_row(context, task, "full prefill", 1.0, float(len(items[0].tokens)), quality,
-                       ttft=np.mean([full[i]["ttft"] for i in picked]), full_ttft=1.0,
+                       ttft=np.mean([full[i]["ttft"] for i in picked]), ttft_speedup=1.0,
                        e2e_ar=1.0, e2e_spec=float("nan"), tokens_per_call=float("nan")))
       logging.info("%s", rows[-1])
     for source in scorers:
@@ -150,16 +155,15 @@ def specprefill_table(verifier: Checkpoint, prompts: dict, scorers: list[str],
         chosen = dataclasses.replace(selection, keep_rate=rate)
         runs = [_pruned_run(verifier, scorer, item, *score, settings, chosen, capacity, reference)
                 for item, score, reference in zip(items, scored, full)]
-        for task in dict.fromkeys(item.task for item in items):
-          picked = [i for i, item in enumerate(items) if item.task == task]
+        for task, picked in tasks.items():
           mean = lambda key: float(np.mean([runs[i][key] for i in picked]))
-          full_mean = lambda key: float(np.mean([full[i][key] for i in picked]))
+          full_ttft = float(np.mean([full[i]["ttft"] for i in picked]))
+          full_e2e = full_ttft + float(np.mean([full[i]["decode_s"] for i in picked]))
           rows.append(_row(
               context, task, source, rate, mean("kept"), [runs[i]["quality"] for i in picked],
-              ttft=mean("ttft"), full_ttft=full_mean("ttft") / mean("ttft"),
-              e2e_ar=(full_mean("ttft") + full_mean("decode_s")) / (mean("ttft") + mean("ar_s")),
-              e2e_spec=(full_mean("ttft") + full_mean("decode_s")) / (mean("ttft")
-                                                                      + mean("spec_s")),
+              ttft=mean("ttft"), ttft_speedup=full_ttft / mean("ttft"),
+              e2e_ar=full_e2e / (mean("ttft") + mean("ar_s")),
+              e2e_spec=full_e2e / (mean("ttft") + mean("spec_s")),
               tokens_per_call=mean("tokens_per_call"), scorer_s=mean("scorer_s")))
           logging.info("%s", rows[-1])
   return rows
@@ -200,11 +204,11 @@ def _pruned_run(verifier: Checkpoint, scorer, item: Prompt, scores: specprefill.
               quality=_quality(verifier, item, logits, cache, tokens, reference))
 
 
-def _row(context, task, scorer, rate, kept, quality: list[dict], *, ttft, full_ttft, e2e_ar,
+def _row(context, task, scorer, rate, kept, quality: list[dict], *, ttft, ttft_speedup, e2e_ar,
          e2e_spec, tokens_per_call, scorer_s=0.0) -> dict:
   mean = lambda key: float(np.mean([q[key] for q in quality]))
   return {"context": context, "task": task, "scorer": scorer, "keep rate": rate,
-          "kept tokens": kept, "TTFT s": ttft, "scorer s": scorer_s, "TTFT speedup": full_ttft,
+          "kept tokens": kept, "TTFT s": ttft, "scorer s": scorer_s, "TTFT speedup": ttft_speedup,
           "NLL": mean("NLL"), "greedy agree": mean("greedy agree"),
           "same prefix": mean("same prefix"),
           "retrieved": mean("retrieved") if "retrieved" in quality[0] else float("nan"),

@@ -80,9 +80,7 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, vocab_size: int):
   """Right-pads token lists into ([B, T] int32, lengths [B] int32); every id must be a token."""
   if not prompts or any(len(p) == 0 for p in prompts):
     raise ValueError("every prompt needs at least one token")
-  if not 0 <= pad_id < vocab_size:
-    raise ValueError(f"pad_id={pad_id} is not a token id of the model's vocabulary "
-                     f"[0, {vocab_size})")
+  check_token_id("pad_id", pad_id, vocab_size)
   for row, tokens in enumerate(prompts):
     ids = np.asarray(tokens)
     bad = np.flatnonzero((ids < 0) | (ids >= vocab_size))
@@ -94,6 +92,13 @@ def pad_prompts(prompts: list[list[int]], pad_id: int, vocab_size: int):
   for row, p in zip(prompt, prompts):
     row[:len(p)] = p
   return jnp.asarray(prompt), jnp.asarray([len(p) for p in prompts], jnp.int32)
+
+
+def check_token_id(name: str, token_id: int | None, vocab_size: int) -> None:
+  """Refuses a special id (pad, EOS) outside the vocabulary; None means unset."""
+  if token_id is not None and not 0 <= token_id < vocab_size:
+    raise ValueError(f"{name}={token_id} is not a token id of the model's vocabulary "
+                     f"[0, {vocab_size})")
 
 
 def check_request(config: ModelConfig, prompt_len: int, max_new_tokens: int,
