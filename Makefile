@@ -39,7 +39,8 @@ bench: data
 
 # BudgetDraft (issue 5): train the naive, single-budget and multi-view drafters for SmolLM2 (they
 # share one teacher cache; each resumes from its checkpoints), then compare them across budgets.
-DRAFTER_VARIANTS := multiview single naive
+# The eagle variant is the drafter `make run` ships in drafters/smollm2-eagle (see BUILD.md).
+DRAFTER_VARIANTS := multiview single naive eagle
 drafters: data
 	for variant in $(DRAFTER_VARIANTS); do \
 	  $(BIN)/python experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:$$variant \

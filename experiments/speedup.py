@@ -28,8 +28,10 @@ def main(argv):
   cfg = _CONFIG.value
   shared = SparsityConfig(budget=None, **cfg.sparsity)
   variants = [speedup.Variant(row["drafter"], SpeculativeConfig(
-      gamma=cfg.gamma, num_paths=row["num_paths"], rule=row["rule"],
-      sampling=SamplingConfig(temperature=cfg.temperature), max_new_tokens=cfg.max_new_tokens,
+      gamma=row.get("gamma") or cfg.gamma, num_paths=row["num_paths"], rule=row["rule"],
+      sampling=SamplingConfig(temperature=cfg.temperature if row.get("temperature") is None
+                              else row["temperature"]),
+      max_new_tokens=cfg.max_new_tokens,
       prefill_chunk=cfg.prefill_chunk,
       sparsity=None if row["policy"] is None else dataclasses.replace(
           shared, policy=row["policy"], budget=row["budget"])))
@@ -45,14 +47,16 @@ def main(argv):
 
   path = results.output_path(_RESULTS_DIR.value, f"speedup_{cfg.variant}",
                              config_flags.get_override_values(flags.FLAGS["config"]))
-  notes = (f"Verifier {verifier.name}, batch 1, {cfg.max_new_tokens} new tokens, gamma="
-           f"{cfg.gamma}, temperature {cfg.temperature}, {cfg.num_prompts} prompt(s) per context "
+  notes = (f"Verifier {verifier.name}, batch 1, {cfg.max_new_tokens} new tokens, gamma "
+           f"{cfg.gamma} unless a row says, {cfg.num_prompts} prompt(s) per context "
            f"from {cfg.dataset}/{cfg.split}. Speedups are AR time / speculative time measured in "
-           "this run; `= AR`: the greedy speculative tokens equal AR's, token for token. e2e "
+           "this run (AR at the row's temperature); `= AR`: the greedy speculative tokens equal "
+           "AR's, token for token. e2e "
            "includes both prefills (and KV selection). ms/round is the measured "
-           "decode loop time per verifier call; draft share is the drafter's fraction of one "
-           "round, estimated from a draft phase and a verify phase timed on their own "
-           "(standalone phases run ~2x slower than inside the loop, so only their ratio is used).")
+           "decode loop time per verifier call, split into draft and verify ms by the drafter's "
+           "share of a round, estimated from a draft phase and a verify phase timed on their "
+           "own (standalone phases run slower than inside the loop, so only their ratio is "
+           "used).")
   print(results.write(path, f"Speculative decoding speedup ({cfg.variant})", rows, notes,
                       with_csv=True))
   speedup.plot(rows, path + ".png")

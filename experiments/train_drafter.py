@@ -31,9 +31,9 @@ def main(argv):
   sequences = packing.dataset_sequences(config.dataset, config.data_dir, config.split,
                                         verifier.tokenizer, config.sequence_len)
   sequences = sequences[np.random.default_rng(config.seed).permutation(len(sequences))]
-  logging.info("%d training sequences of %d tokens; %d steps x batch %d use %d of them",
+  logging.info("%d training sequences of %d tokens; %d steps x batch %d cycle through %d of them",
                len(sequences), sequences.shape[1], config.steps, config.batch_size,
-               min(len(sequences), config.steps * config.batch_size))
+               config.sequences_used(len(sequences)))
   trainer.train(config, verifier.config, verifier.params, sequences, verifier_name=verifier.name,
                 stop_after=_STOP_AFTER.value)
 

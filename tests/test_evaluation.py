@@ -3,12 +3,15 @@ table reports standard errors, and result names never clobber committed tables."
 
 import dataclasses
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
-from budgetdraft.evaluation import results, rule_efficiency, speedup
+from budgetdraft.evaluation import decode_speed, results, rule_efficiency, speedup
 from budgetdraft.models.checkpoint_io import Checkpoint
 from tests.test_speculative import TINY_SPARSITY, tiny_pair  # noqa: F401 (fixture)
 
@@ -35,6 +38,35 @@ def test_speedup_rows_report_greedy_equality_with_ar(tiny_verifier):
   assert speedup.greedy_mismatches(rows) == ["layers:1 full KV@full gbv K=2 at 160"]
   with pytest.raises(ValueError, match="context 12 leaves no prompt"):
     speedup.prompt_length(12, variants)  # 8 new tokens + a 7-token tree leave nothing
+
+
+def test_speedup_rows_at_two_temperatures_compare_each_with_its_own_ar(tiny_verifier):
+  spec = SpeculativeConfig(gamma=3, max_new_tokens=8, prefill_chunk=32)
+  sampled = dataclasses.replace(spec, sampling=SamplingConfig(temperature=1.0))
+  variants = [speedup.Variant("self", spec), speedup.Variant("self", sampled)]
+  rows = speedup.speedup(tiny_verifier, {160: _prompts(1, speedup.prompt_length(160, variants))},
+                         variants)
+  assert [(row["temperature"], row["= AR"]) for row in rows] == [(0.0, "yes"), (1.0, "sampled")]
+  for row in rows:
+    assert row["draft ms/round"] + row["verify ms/round"] == pytest.approx(row["ms/round"])
+    assert row["tokens/call"] >= 1
+
+
+def test_the_verify_loop_repeats_one_verify_step(tiny_verifier):
+  """bench_decode's verify timing runs the very verify step of the speculative loop, rolled back
+  each time, so its total is steps x that step's checksum."""
+  config, params = tiny_verifier.config, tiny_verifier.params
+  prompt = jnp.asarray(_prompts(1, 40))
+  state = autoregressive.start(params, prompt, jnp.array([40]), jax.random.key(0), config=config,
+                               max_new_tokens=8, prefill_chunk=32, sampling=SamplingConfig(),
+                               eos_id=None, pad_id=0)
+  spec = SpeculativeConfig(gamma=3, max_new_tokens=1)
+  drafts = jnp.broadcast_to(state.last_token[:, None, None], (1, 1, 3))
+  p, _, _ = speculative.verify_step(params, jax.tree.map(jnp.copy, state.cache), state.last_token,
+                                    drafts, verifier_config=config, spec=spec)
+  total = decode_speed.verify_loop(params, state.cache, state.last_token, config=config, gamma=3,
+                                   steps=5)
+  np.testing.assert_allclose(total, 5 * p[:, 0, :, 0].sum(), rtol=1e-5)
 
 
 def test_rule_efficiency_rows_carry_standard_errors(tiny_verifier):

@@ -34,7 +34,7 @@ class _Engine:
     self.prompt, self.lengths = prefill.pad_prompts(prompts, 0, self.config.vocab_size)
     capacity = prefill.request_capacity(self.prompt.shape[1], max_new + MAX_PATHS * gamma + 1,
                                         chunk)
-    self.logits, self.verifier_cache, self.drafter_cache = speculative.prefill_caches(
+    self.logits, self.verifier_cache, self.drafter_cache, self.hidden = speculative.prefill_caches(
         self.params, self.drafter_params, self.prompt, self.lengths, verifier_config=self.config,
         drafter_config=self.drafter_config, capacity=capacity, prefill_chunk=chunk)
 
@@ -49,7 +49,7 @@ class _Engine:
   def speculative(self, spec, seed=1):
     state = speculative.begin(self.drafter_params, self.logits, self.verifier_cache,
                               self.drafter_cache, self.prompt, self.lengths, jax.random.key(seed),
-                              drafter_config=self.drafter_config, spec=spec)
+                              self.hidden, drafter_config=self.drafter_config, spec=spec)
     state = speculative.decode(self.params, self.drafter_params, state,
                                verifier_config=self.config, drafter_config=self.drafter_config,
                                spec=spec)

@@ -170,7 +170,7 @@ def test_speculative_decoding_from_a_pruned_prefill_equals_ar_from_it(tiny_model
                               lookahead=4))
   static = dict(verifier_config=config, drafter_config=drafter_config, spec=spec)
   state = speculative.begin(drafter_params, logits, cache, scores.cache, prompt, lengths,
-                            jax.random.key(3), scores.kv_scores, drafter_config=drafter_config,
+                            jax.random.key(3), kv_scores=scores.kv_scores, drafter_config=drafter_config,
                             spec=spec)
   final = speculative.decode(params, drafter_params, state, **static)
   tokens, stats = speculative.outputs_and_stats(final, spec)

@@ -12,7 +12,9 @@ import jax
 import numpy as np
 import pytest
 
+from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.models.config import get_config
+from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft.models.transformer import init_params
 from budgetdraft import drafters
 from budgetdraft.training import trainer
@@ -47,7 +49,9 @@ def _config(variant="multiview", **overrides) -> TrainConfig:
                   checkpoint_every=10))
   cfg.sparsity.update(dict(sinks=2, window=4, recent=4))
   if cfg.num_views:
-    cfg.budgets = (8, 16, 24) if variant == "multiview" else (16,)
+    cfg.budgets = (16,) if variant == "single" else (8, 16, 24)
+  if variant == "eagle":
+    cfg.draft_vocab = 64
   cfg.teacher.top_k = 32
   cfg.teacher.cache_dir = ""
   cfg.update(overrides)
@@ -102,6 +106,9 @@ def test_cached_teacher_targets_equal_on_the_fly_and_refuse_other_settings(tiny_
   cached_cfg = _config(steps=4, workdir=str(tmp_path / "b"))
   cached_cfg = dataclasses.replace(cached_cfg, teacher=dataclasses.replace(
       cached_cfg.teacher, cache_dir=str(tmp_path / "teacher")))
+  # A shorter run caches 2 sequences; the 4-step run extends that cache to 4.
+  trainer.train(dataclasses.replace(cached_cfg, steps=2, workdir=str(tmp_path / "short")),
+                config, params, sequences)
   cached = trainer.train(cached_cfg, config, params, sequences)
   assert (tmp_path / "teacher" / "targets.array_record").exists()
   for a, b in zip(on_the_fly, cached):
@@ -110,9 +117,48 @@ def test_cached_teacher_targets_equal_on_the_fly_and_refuse_other_settings(tiny_
                                    teacher=dataclasses.replace(cached_cfg.teacher, top_k=16))
   with pytest.raises(ValueError, match="was built for"):
     trainer.train(cached_cfg, config, params, sequences)
+  cached_cfg = _config(steps=4, workdir=str(tmp_path / "d"))
+  cached_cfg = dataclasses.replace(cached_cfg, teacher=dataclasses.replace(
+      cached_cfg.teacher, cache_dir=str(tmp_path / "teacher")))
+  with pytest.raises(ValueError, match="holds other training sequences"):
+    trainer.train(cached_cfg, config, params, sequences[::-1].copy())
+
+
+def test_eagle_training_learns_and_its_drafter_decodes_losslessly(tiny_teacher, tmp_path):
+  """The EAGLE recipe: a fresh block fed the teacher's hidden states (read back from the cached
+  teacher), a 64-id head; both losses fall, and the exported drafter speculates losslessly."""
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size)
+  cfg = _config("eagle", steps=150, log_every=50, checkpoint_every=150, workdir=str(tmp_path / "w"))
+  cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
+      cfg.teacher, cache_dir=str(tmp_path / "teacher")))
+  history = trainer.train(cfg, config, params, sequences)
+  for key in ("full", "feature"):
+    first, last = _mean(history, key, slice(0, 10)), _mean(history, key, slice(-10, None))
+    assert last < 0.8 * first, (key, first, last)
+  drafter_config, drafter_params = drafters.load(f"trained:{tmp_path / 'w'}", config, params)
+  assert (drafter_config.feature_dim, drafter_config.draft_vocab) == (config.dim, 64)
+  np.testing.assert_array_equal(drafter_params["draft_head"]["ids"],
+                                drafters.frequent_ids(sequences, 64, config.vocab_size))
+  prompts = [sequences[0, :40].tolist(), sequences[1, :30].tolist()]
+  expected = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                     max_new_tokens=16, prefill_chunk=16)
+  spec = speculative.SpeculativeConfig(gamma=3, max_new_tokens=16, prefill_chunk=16,
+                                       sparsity=SparsityConfig(budget=16, sinks=2, window=4,
+                                                               recent=4, observation=4))
+  out, _ = speculative.generate(params, drafter_params, prompts, jax.random.key(1),
+                                verifier_config=config, drafter_config=drafter_config, spec=spec)
+  assert out == expected
+  # The cache holds the hidden states: a second run from it repeats the first exactly.
+  again = trainer.train(dataclasses.replace(cfg, workdir=str(tmp_path / "again"), steps=3),
+                        config, params, sequences)
+  np.testing.assert_array_equal(again[2]["loss"], history[2]["loss"])
 
 
 @pytest.mark.parametrize("overrides, message", [
+    (dict(drafter="mlp"), "drafter='mlp'"),
+    (dict(num_sequences=-1), "num_sequences=-1"),
+    (dict(feature_weight=1.0), "drafter='eagle' only"),
     (dict(budgets=()), "budget list is empty"),
     (dict(budgets=(4, 16)), "below sinks \\+ window"),
     (dict(sparse_weight=-0.5), "lambda"),
@@ -129,7 +175,10 @@ def test_bad_training_configs_fail_clearly(tiny_teacher, tmp_path, overrides, me
 
 @pytest.mark.parametrize("variant", budgetdraft_smollm2.VARIANTS)
 def test_shipped_configs_are_valid_for_smollm2(variant):
-  cfg = TrainConfig.from_dict(budgetdraft_smollm2.get_config(variant))
+  raw = budgetdraft_smollm2.get_config(variant)
+  # The flag the refusal message suggests must exist: --config.allow_config_change=True.
+  assert raw.allow_config_change is False
+  cfg = TrainConfig.from_dict(raw)
   cfg.check_against(get_config("smollm2-135m"), cfg.prompt_len + cfg.continuation)
   assert (cfg.num_views == 0) == (variant == "naive")
 

@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from budgetdraft import drafters
 from budgetdraft.models.prefill import prefill
 from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.transformer import Transformer
@@ -14,52 +15,66 @@ from budgetdraft.training import views
 PROMPT_LEN, NUM_NEW, GAMMA = 48, 20, 2
 
 
-def _sparse_decode_logits(config, params, tokens, sparsity):
+def _sparse_decode_logits(config, params, tokens, sparsity, features=None):
   """Inference path: chunked prefill, policy scores, compress, then one token at a time."""
   model = Transformer(config)
   batch = tokens.shape[0]
   lengths = jnp.full((batch,), PROMPT_LEN, jnp.int32)
+  prompt_features = None if features is None else features[:, :PROMPT_LEN]
   _, cache = prefill(model, params, tokens[:, :PROMPT_LEN], lengths,
-                     FullKVCache.init(config, batch, tokens.shape[1]), 16)
+                     FullKVCache.init(config, batch, tokens.shape[1]), 16,
+                     features=prompt_features)
   cache = selection.sparse_cache(config, params, cache, tokens[:, :PROMPT_LEN], lengths, sparsity,
-                                 GAMMA, jax.random.key(0))
+                                 GAMMA, jax.random.key(0), features=prompt_features)
 
   @jax.jit
-  def step(cache, token, position):
-    hidden, cache = model.apply({"params": params}, token, position, cache)
+  def step(cache, token, position, step_features):
+    hidden, cache = model.apply({"params": params}, token, position, cache,
+                                features=step_features)
     return cache, model.apply({"params": params}, hidden, method=Transformer.logits)[:, 0]
 
   logits = []
   for t in range(PROMPT_LEN, tokens.shape[1]):
-    cache, step_logits = step(cache, tokens[:, t:t + 1], jnp.full((batch, 1), t))
+    step_features = None if features is None else features[:, t:t + 1]
+    cache, step_logits = step(cache, tokens[:, t:t + 1], jnp.full((batch, 1), t), step_features)
     logits.append(step_logits)
   return jnp.stack(logits, axis=1)
 
 
-def _full_decode_logits(config, params, tokens):
+def _full_decode_logits(config, params, tokens, features=None):
   model = Transformer(config)
   batch = tokens.shape[0]
   cache = FullKVCache.init(config, batch, tokens.shape[1])
   positions = jnp.broadcast_to(jnp.arange(tokens.shape[1]), tokens.shape)
-  hidden, _ = model.apply({"params": params}, tokens, positions, cache)
+  hidden, _ = model.apply({"params": params}, tokens, positions, cache, features=features)
   return model.apply({"params": params}, hidden[:, PROMPT_LEN:], method=Transformer.logits)
 
 
-@pytest.mark.parametrize("policy", ["snapkv", "h2o", "streaming"])
-def test_views_equal_inference_sparse_cache(tiny_model, policy):
+@pytest.mark.parametrize("policy,eagle", [("snapkv", False), ("h2o", False),
+                                          ("streaming", False), ("snapkv", True),
+                                          ("h2o", True)])
+def test_views_equal_inference_sparse_cache(tiny_model, policy, eagle):
+  """Also for an EAGLE-style drafter, whose every pass takes feature inputs."""
   config, params = tiny_model
+  features = None
+  if eagle:
+    config, trainable, shared = drafters.initialize("eagle", config, params, 2)
+    params = {**shared, **trainable}
+    features = jax.random.normal(jax.random.key(4), (2, PROMPT_LEN + NUM_NEW, config.dim))
   tokens = jax.random.randint(jax.random.key(1), (2, PROMPT_LEN + NUM_NEW), 0, config.vocab_size)
   budget_list = (12, 24)
   # recent + gamma = 8 < NUM_NEW: the ring wraps, so the view's window rule is exercised.
   sparsity = [selection.SparsityConfig(policy=policy, budget=b, sinks=2, window=4, recent=6)
               for b in budget_list]
-  logits = views.all_branch_logits(config, params, tokens, PROMPT_LEN, jnp.array(budget_list),
-                                   sparsity[0], sparsity[0].ring_size(GAMMA), jax.random.key(0))
+  _, logits = views.all_branch_outputs(config, params, tokens, PROMPT_LEN, jnp.array(budget_list),
+                                        sparsity[0], sparsity[0].ring_size(GAMMA),
+                                        jax.random.key(0), features)
   assert logits.shape == (3, 2, NUM_NEW, config.vocab_size)
-  np.testing.assert_allclose(logits[0], _full_decode_logits(config, params, tokens), atol=2e-4)
+  np.testing.assert_allclose(logits[0], _full_decode_logits(config, params, tokens, features),
+                             atol=2e-4)
   for view, config_b in zip(logits[1:], sparsity):
-    np.testing.assert_allclose(view, _sparse_decode_logits(config, params, tokens, config_b),
-                               atol=2e-4)
+    np.testing.assert_allclose(
+        view, _sparse_decode_logits(config, params, tokens, config_b, features), atol=2e-4)
   # The views really differ from the full branch (the test would be vacuous otherwise).
   assert float(jnp.abs(logits[1] - logits[0]).max()) > 1e-2
 
@@ -72,8 +87,8 @@ def test_view_gradients_match_finite_differences(tiny_model):
   sparsity = selection.SparsityConfig(policy="streaming", budget=12, sinks=2, window=4, recent=6)
 
   def view_loss(params):
-    logits = views.all_branch_logits(config, params, tokens, PROMPT_LEN, jnp.array([12]),
-                                     sparsity, 8, jax.random.key(0))
+    _, logits = views.all_branch_outputs(config, params, tokens, PROMPT_LEN, jnp.array([12]),
+                                          sparsity, 8, jax.random.key(0))
     return jnp.mean(jax.nn.log_softmax(logits[1])[..., 0])
 
   grads = jax.jit(jax.grad(view_loss))(params)

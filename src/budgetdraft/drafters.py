@@ -4,18 +4,31 @@
   layers:<k>        the verifier's first k layers + final norm + its embedding and head;
   trained:<workdir> a drafter trained by experiments/train_drafter.py;
   checkpoint:<path> any Llama-family GGUF / HF folder sharing the verifier's tokenizer.
-A trained drafter saves only its own layers and final norm: the embedding and head (for SmolLM2
-half of a small drafter's weights) are shared with the verifier, frozen, and re-attached at load.
+A trained drafter is one of two kinds (`initialize`):
+  layers  the verifier's first k blocks, trained further;
+  eagle   k fresh blocks fed [token embedding, the verifier's hidden state one position earlier]
+          (EAGLE), so a single block can predict what the verifier's 30 would.
+Either may score only the `draft_vocab` most frequent token ids of its training data
+(`frequent_ids`), whose head rows are the verifier's. A trained drafter saves only its own params:
+the embedding and head (for SmolLM2 half of a small drafter's weights) are shared with the
+verifier, frozen, and re-attached at load.
 """
 
+import dataclasses
 import json
 import os
 import shutil
 
+import jax
+import jax.numpy as jnp
+import numpy as np
+
 from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.transformer import init_params
 
-SHARED = ("embed", "lm_head")
+SHARED = ("embed", "lm_head", "draft_head")
+KINDS = ("layers", "eagle")
 
 
 def split_params(params: dict) -> tuple[dict, dict]:
@@ -24,9 +37,48 @@ def split_params(params: dict) -> tuple[dict, dict]:
   return {k: v for k, v in params.items() if k not in SHARED}, shared
 
 
-def from_verifier(verifier_config: ModelConfig, verifier_params: dict, num_layers: int):
-  """(drafter config, trainable params, shared params): the verifier's first `num_layers` blocks."""
-  config, params = checkpoint_io.take_layers(verifier_config, verifier_params, num_layers)
+def frequent_ids(sequences: np.ndarray, count: int, vocab_size: int) -> np.ndarray:
+  """The `count` most frequent token ids of sequences (ties: the lower id), ascending."""
+  if not 1 <= count <= vocab_size:
+    raise ValueError(f"draft_vocab={count} must be in [1, {vocab_size}]")
+  frequency = np.bincount(np.asarray(sequences).reshape(-1), minlength=vocab_size)
+  return np.sort(np.argsort(-frequency, kind="stable")[:count]).astype(np.int32)
+
+
+def _head_rows(verifier_config: ModelConfig, verifier_params: dict, ids) -> dict:
+  """The verifier's output head restricted to `ids`: the `draft_head` params."""
+  ids = np.asarray(ids, np.int32)
+  if verifier_config.tie_embeddings:
+    kernel = verifier_params["embed"]["embedding"][ids].T
+  else:
+    kernel = verifier_params["lm_head"]["kernel"][:, ids]
+  return {"kernel": kernel, "ids": jnp.asarray(ids, jnp.int32)}
+
+
+def initialize(kind: str, verifier_config: ModelConfig, verifier_params: dict, num_layers: int,
+               draft_ids=None, seed: int = 0):
+  """(drafter config, trainable params, shared params) of a drafter of `kind` (see KINDS).
+
+  draft_ids: the token ids a reduced head scores (None: the verifier's whole head).
+  """
+  if kind not in KINDS:
+    raise ValueError(f"drafter kind {kind!r}; valid: {KINDS}")
+  if kind == "layers":
+    config, params = checkpoint_io.take_layers(verifier_config, verifier_params, num_layers)
+  else:
+    config = dataclasses.replace(verifier_config, num_layers=num_layers,
+                                 feature_dim=verifier_config.dim)
+    params = jax.tree.map(lambda x: x.astype(config.weight_dtype),
+                          init_params(config, jax.random.key(seed)))
+    # The fused state is read by the verifier's head: start from its final norm and embedding.
+    params = {**params, "embed": verifier_params["embed"],
+              "final_norm": verifier_params["final_norm"]}
+    if not verifier_config.tie_embeddings:
+      params["lm_head"] = verifier_params["lm_head"]
+  if draft_ids is not None:
+    config = dataclasses.replace(config, draft_vocab=len(draft_ids))
+    params = {k: v for k, v in params.items() if k != "lm_head"}
+    params["draft_head"] = _head_rows(verifier_config, verifier_params, draft_ids)
   return (config, *split_params(params))
 
 
@@ -44,7 +96,8 @@ def read_metadata(directory: str) -> dict:
                      "drafter again from its checkpoints") from e
 
 
-def save(directory: str, trainable: dict, *, num_layers: int, verifier: dict, steps: int) -> None:
+def save(directory: str, trainable: dict, *, kind: str, num_layers: int, verifier: dict,
+         steps: int, draft_ids=None) -> None:
   """Writes a drafter atomically: into `<directory>.partial`, then renamed into place. A drafter
   already at `directory` is kept as `<directory>-step<its steps>`.
 
@@ -53,9 +106,11 @@ def save(directory: str, trainable: dict, *, num_layers: int, verifier: dict, st
   staging = directory + ".partial"
   shutil.rmtree(staging, ignore_errors=True)
   checkpoint_io.save_params(os.path.join(staging, "params"), trainable)
+  ids = None if draft_ids is None else np.asarray(draft_ids).tolist()
   with open(os.path.join(staging, "drafter.json"), "w") as f:
-    json.dump({"num_layers": num_layers, "verifier": verifier["name"],
-               "verifier_fingerprint": verifier["fingerprint"], "steps": steps}, f, indent=1)
+    json.dump({"kind": kind, "num_layers": num_layers, "verifier": verifier["name"],
+               "verifier_fingerprint": verifier["fingerprint"], "steps": steps,
+               "draft_ids": ids}, f)
   if os.path.exists(directory):
     try:
       previous = read_metadata(directory).get("steps", "unknown")
@@ -77,7 +132,8 @@ def _load_trained(directory: str, verifier_config: ModelConfig, verifier_params:
     raise ValueError(f"the drafter in {directory} was trained for verifier "
                      f"{meta.get('verifier')!r} (fingerprint {expected}), not for the given one "
                      f"(fingerprint {actual}); load the verifier it was trained with")
-  config, _, shared = from_verifier(verifier_config, verifier_params, meta["num_layers"])
+  config, _, shared = initialize(meta.get("kind", "layers"), verifier_config, verifier_params,
+                                 meta["num_layers"], meta.get("draft_ids"))
   try:
     trainable = checkpoint_io.restore_params(os.path.join(directory, "params"))
   except Exception as e:  # orbax / tensorstore errors name neither the drafter nor the fix

@@ -96,6 +96,10 @@ class Generation:
     self.verifier, self.drafter, self.prompt, self.spec = verifier, drafter, prompt, spec
     self.stop, self.seed = tuple(s for s in stop if s), seed
     self.selection, self.scorer = selection, scorer if drafter is None else drafter
+    if selection is not None and self.scorer[0].feature_dim:
+      raise ValueError("a speculative prefill scores the prompt with the drafter alone, before "
+                       "the verifier runs; an EAGLE-style drafter needs the verifier's hidden "
+                       "states: use a layers:<k> scorer or no keep_rate")
     self.text = ""
     self.stats = Stats(prompt_tokens=len(prompt), prefilled_tokens=len(prompt))
 
@@ -115,7 +119,7 @@ class Generation:
     else:
       shared = scores.kv_scores if self.selection.shares_kv_scores(self.spec.sparsity) else None
       state = speculative_lib.begin(scorer_params, logits, cache, scores.cache, prompt, lengths,
-                                    rng, shared, drafter_config=self.drafter[0], spec=self.spec)
+                                    rng, kv_scores=shared, drafter_config=self.drafter[0], spec=self.spec)
     return state, num_kept
 
   def _compile(self):

@@ -40,6 +40,10 @@ PARAM_AXES = {
     "layers/down_proj/kernel": ("layers", "mlp", "embed"),
     "final_norm/scale": ("embed",),
     "lm_head/kernel": ("embed", "vocab"),
+    "input_proj/kernel": (None, "embed"),   # an EAGLE-style drafter's [dim + F, dim] fusion
+    "input_proj/bias": ("embed",),
+    "draft_head/kernel": ("embed", None),   # a reduced head: small, replicated
+    "draft_head/ids": (None,),
 }
 
 KV = ("layers", "batch", "kv_heads", "length", "head_dim")

@@ -8,8 +8,10 @@ One round, all inside one jitted `lax.while_loop` over a static-shape `SpecState
            entries are first moved next to the prefix), the drafter rows copy the winning row.
 The drafter re-feeds the last two emitted tokens each round ([previous, last] at their positions),
 which rewrites identical entries when the previous token is already cached, so no per-case shapes
-are needed after a fully accepted block. `draft_step` and `verify_step` expose one phase of a round
-on its own, for timing.
+are needed after a fully accepted block. An EAGLE-style drafter (`feature_dim`) re-feeds them with
+the verifier's hidden states one position earlier (`SpecState.features`, taken from the verify
+forward), and each draft step feeds it its own last hidden state. `draft_step` and `verify_step`
+expose one phase of a round on its own, for timing.
 """
 
 import dataclasses
@@ -24,8 +26,8 @@ from budgetdraft import parallel, verification
 from budgetdraft.decoding import sampling as sampling_lib
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache, SparseKVCache
-from budgetdraft.models.prefill import (check_request, check_token_id, pad_prompts, prefill,
-                                        request_capacity)
+from budgetdraft.models.prefill import (check_request, check_token_id, feature_inputs,
+                                        pad_prompts, prefill, request_capacity)
 from budgetdraft.models.transformer import Transformer
 from budgetdraft.sparsity import selection
 
@@ -112,6 +114,8 @@ class SpecState:
   tokens: jax.Array                      # [B, max_new + gamma + 1] emitted tokens
   num_emitted: jax.Array                 # [B]
   last_two: jax.Array                    # [B, 2] (previous, last) emitted or prompt tokens
+  features: jax.Array                    # [B, 2, F] the drafter's feature inputs of last_two
+                                         # (verifier hidden states; F = 0 without a feature input)
   done: jax.Array                        # [B] hit EOS
   rng: jax.Array
   accepted_counts: jax.Array             # [B, gamma + 1] the row's rounds that accepted k drafts
@@ -154,26 +158,42 @@ def _logits(model, params, hidden):
 def prefill_caches(verifier_params, drafter_params, prompt, prompt_lengths, *,
                    verifier_config: ModelConfig, drafter_config: ModelConfig, capacity: int,
                    prefill_chunk: int):
-  """(verifier logits [B, V] after the prompt, verifier cache, drafter's full cache)."""
+  """(verifier logits [B, V] after the prompt, verifier cache, drafter's full cache, the verifier's
+  hidden states [B, T, dim] over the prompt if the drafter takes them as features, else None)."""
   batch = prompt.shape[0]
-  logits, verifier_cache = prefill(Transformer(verifier_config), verifier_params, prompt,
-                                   prompt_lengths,
-                                   FullKVCache.init(verifier_config, batch, capacity),
-                                   prefill_chunk)
+  keep_hidden = bool(drafter_config.feature_dim)
+  logits, verifier_cache, *hidden = prefill(
+      Transformer(verifier_config), verifier_params, prompt, prompt_lengths,
+      FullKVCache.init(verifier_config, batch, capacity), prefill_chunk, keep_hidden=keep_hidden)
+  hidden = hidden[0] if keep_hidden else None
   _, drafter_cache = prefill(Transformer(drafter_config), drafter_params, prompt, prompt_lengths,
-                             FullKVCache.init(drafter_config, batch, capacity), prefill_chunk)
-  return logits, verifier_cache, drafter_cache
+                             FullKVCache.init(drafter_config, batch, capacity), prefill_chunk,
+                             features=None if hidden is None else feature_inputs(hidden))
+  return logits, verifier_cache, drafter_cache, hidden
+
+
+def _last_two_features(hidden, prompt_lengths, feature_dim: int):
+  """[B, 2, F]: the feature inputs of the last prompt token and the first emitted one, i.e. the
+  verifier's hidden states at positions P - 2 and P - 1 (zeros before the prompt)."""
+  if not feature_dim:
+    return jnp.zeros((prompt_lengths.shape[0], 2, 0), jnp.float32)
+  positions = prompt_lengths[:, None] + jnp.array([[-2, -1]])
+  rows = jnp.take_along_axis(hidden, jnp.maximum(positions, 0)[..., None], axis=1)
+  return jnp.where((positions >= 0)[..., None], rows, 0).astype(jnp.float32)
 
 
 @functools.partial(jax.jit, static_argnames=("drafter_config", "spec"))
 def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: FullKVCache, prompt,
-          prompt_lengths, rng, kv_scores=None, *, drafter_config: ModelConfig,
-          spec: SpeculativeConfig):
+          prompt_lengths, rng, verifier_hidden=None, kv_scores=None, *,
+          drafter_config: ModelConfig, spec: SpeculativeConfig):
   """From prefilled caches (`prefill_caches`, or a speculative prefill: `specprefill`):
   compresses the drafter's cache by the policy (kv_scores: the policy's scores if already
-  computed) and emits the first token. The caches are not changed, so one prefill serves several
-  specs."""
+  computed) and emits the first token. verifier_hidden: the verifier's hidden states [B, T, dim]
+  over the prompt, required by a drafter with a feature input. The caches are not changed, so one
+  prefill serves several specs."""
   batch = prompt.shape[0]
+  if drafter_config.feature_dim and verifier_hidden is None:
+    raise ValueError("this drafter takes the verifier's hidden states: pass verifier_hidden")
   needed = request_capacity(prompt.shape[1], positions_after_prompt(spec), spec.prefill_chunk)
   if verifier_cache.capacity < needed:
     raise ValueError(f"prefilled caches hold {verifier_cache.capacity} positions; this spec "
@@ -181,9 +201,10 @@ def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: Fu
   rng, first_rng, policy_rng = jax.random.split(rng, 3)
   first = sampling_lib.sample(first_rng, sampling_lib.probabilities(logits, spec.sampling))
   if spec.sparsity is not None:
+    features = None if not drafter_config.feature_dim else feature_inputs(verifier_hidden)
     drafter_cache = selection.sparse_cache(drafter_config, drafter_params, drafter_cache, prompt,
                                            prompt_lengths, spec.sparsity, spec.gamma, policy_rng,
-                                           kv_scores)
+                                           kv_scores, features)
   drafter_cache = drafter_cache.gather_rows(jnp.repeat(jnp.arange(batch), spec.num_paths))
 
   previous = jnp.take_along_axis(prompt, (prompt_lengths - 1)[:, None], axis=1)[:, 0]
@@ -191,7 +212,10 @@ def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: Fu
   done = first == spec.eos_id if spec.eos_id is not None else jnp.zeros((batch,), bool)
   return SpecState(verifier_cache=verifier_cache, drafter_cache=drafter_cache,
                    tokens=tokens.at[:, 0].set(first), num_emitted=jnp.ones((batch,), jnp.int32),
-                   last_two=jnp.stack([previous, first], axis=1), done=done, rng=rng,
+                   last_two=jnp.stack([previous, first], axis=1),
+                   features=_last_two_features(verifier_hidden, prompt_lengths,
+                                               drafter_config.feature_dim),
+                   done=done, rng=rng,
                    accepted_counts=jnp.zeros((batch, spec.gamma + 1), jnp.int32))
 
 
@@ -204,35 +228,42 @@ def start(verifier_params, drafter_params, prompt, prompt_lengths, rng, *,
                           capacity=check_request(verifier_config, prompt.shape[1],
                                                  positions_after_prompt(spec), spec.prefill_chunk),
                           prefill_chunk=spec.prefill_chunk)
-  return begin(drafter_params, *caches, prompt, prompt_lengths, rng,
-               drafter_config=drafter_config, spec=spec)
+  logits, verifier_cache, drafter_cache, hidden = caches
+  return begin(drafter_params, logits, verifier_cache, drafter_cache, prompt, prompt_lengths, rng,
+               hidden, drafter_config=drafter_config, spec=spec)
 
 
-def _draft(drafter_config: ModelConfig, drafter_params, cache, last_two, root, rng,
+def _draft(drafter_config: ModelConfig, drafter_params, cache, last_two, features, root, rng,
            spec: SpeculativeConfig):
   """gamma draft tokens on each of K paths and their laws q: ([B, K, gamma], [B, K, gamma, V], cache).
 
   cache: the drafter's [B * K] rows; last_two: [B, 2] tokens at positions root - 1, root [B],
-  re-fed by each batch row's K drafter rows.
+  re-fed by each batch row's K drafter rows; features: their feature inputs [B, 2, F] (used
+  only by a drafter with a feature input, which then feeds each draft its own last hidden state).
   """
   drafter = Transformer(drafter_config)
   batch, num_paths = last_two.shape[0], spec.num_paths
+  with_features = bool(drafter_config.feature_dim)
+  feed = lambda f: f if with_features else None
   root = jnp.repeat(root, num_paths)
   positions = root[:, None] + jnp.array([[-1, 0]])
   hidden, cache = drafter.apply({"params": drafter_params}, jnp.repeat(last_two, num_paths, 0),
-                                positions, cache.truncate(root - 1))
+                                positions, cache.truncate(root - 1),
+                                features=feed(jnp.repeat(features, num_paths, 0)))
   logits = _logits(drafter, drafter_params, hidden[:, -1])
   rngs = jax.random.split(rng, spec.gamma)
 
   def step(carry, i):
-    cache, logits = carry
+    cache, logits, last_hidden = carry
     q = sampling_lib.probabilities(logits, spec.sampling)
     token = sampling_lib.sample(rngs[i], q)
     hidden, cache = drafter.apply({"params": drafter_params}, token[:, None],
-                                  (root + 1 + i)[:, None], cache)
-    return (cache, _logits(drafter, drafter_params, hidden[:, 0])), (token, q)
+                                  (root + 1 + i)[:, None], cache,
+                                  features=feed(last_hidden[:, None]))
+    return (cache, _logits(drafter, drafter_params, hidden[:, 0]), hidden[:, 0]), (token, q)
 
-  (cache, logits), (tokens, q) = jax.lax.scan(step, (cache, logits), jnp.arange(spec.gamma - 1))
+  (cache, logits, _), (tokens, q) = jax.lax.scan(step, (cache, logits, hidden[:, -1]),
+                                                 jnp.arange(spec.gamma - 1))
   q_last = sampling_lib.probabilities(logits, spec.sampling)
   tokens = jnp.concatenate([tokens, sampling_lib.sample(rngs[-1], q_last)[None]], axis=0)
   q = jnp.concatenate([q, q_last[None]], axis=0)
@@ -240,9 +271,15 @@ def _draft(drafter_config: ModelConfig, drafter_params, cache, last_two, root, r
           q.transpose(1, 0, 2).reshape(batch, num_paths, spec.gamma, -1), cache)
 
 
+def _path_sources(num_paths: int, gamma: int) -> np.ndarray:
+  """[K, gamma + 1] tree index of path k at depth i: the root (i = 0), then path token i - 1."""
+  return np.array([[0] + [1 + k * gamma + i for i in range(gamma)] for k in range(num_paths)])
+
+
 def _verify(verifier_config: ModelConfig, verifier_params, cache: FullKVCache, last, drafts,
             spec: SpeculativeConfig):
-  """One verifier forward over the draft tree: (p [B, K, gamma + 1, V], cache with the tree).
+  """One verifier forward over the draft tree: (p [B, K, gamma + 1, V], cache with the tree,
+  hidden states [B, K, gamma + 1, dim] along each path).
 
   The tree is the newest emitted token last [B] (at position cache.length) and the K paths
   drafts [B, K, gamma].
@@ -256,27 +293,28 @@ def _verify(verifier_config: ModelConfig, verifier_params, cache: FullKVCache, l
                                  jnp.broadcast_to(mask, (batch,) + mask.shape))
   logits = _logits(verifier, verifier_params, hidden)                   # [B, 1 + K gamma, V]
   # p for path k at depth i comes from the token before it: the root (i = 0) or path token i-1.
-  source = np.array([[0] + [1 + k * gamma + i for i in range(gamma)] for k in range(num_paths)])
-  return sampling_lib.probabilities(logits[:, source], spec.sampling), cache
+  source = _path_sources(num_paths, gamma)
+  return sampling_lib.probabilities(logits[:, source], spec.sampling), cache, hidden[:, source]
 
 
 @functools.partial(jax.jit, static_argnames=("drafter_config", "spec"),
                    donate_argnames=("drafter_cache",))
-def draft_step(drafter_params, drafter_cache, last_two, root, rng, *,
+def draft_step(drafter_params, drafter_cache, last_two, features, root, rng, *,
                drafter_config: ModelConfig, spec: SpeculativeConfig):
   """The draft phase of a round on its own (for timing): (drafts [B, K, gamma], q, cache).
 
   Arguments are the `SpecState` fields the phase reads (root = verifier_cache.length); the cache
   is donated and returned, so it is updated in place as in the loop's carry.
   """
-  return _draft(drafter_config, drafter_params, drafter_cache, last_two, root, rng, spec)
+  return _draft(drafter_config, drafter_params, drafter_cache, last_two, features, root, rng,
+                spec)
 
 
 @functools.partial(jax.jit, static_argnames=("verifier_config", "spec"),
                    donate_argnames=("verifier_cache",))
 def verify_step(verifier_params, verifier_cache, last, drafts, *, verifier_config: ModelConfig,
                 spec: SpeculativeConfig):
-  """The verify phase of a round on its own (for timing): (p [B, K, gamma + 1, V], cache).
+  """The verify phase of a round on its own (for timing): (p [B, K, gamma + 1, V], cache, hidden).
 
   last = last_two[:, 1] of the `SpecState`; the cache is donated and returned as in the loop.
   """
@@ -327,9 +365,9 @@ def _round(verifier_params, drafter_params, state: SpecState, verifier_config: M
   rng, draft_rng, verify_rng = jax.random.split(state.rng, 3)
   root = state.verifier_cache.length                                     # [B]
   drafts, q, drafter_cache = _draft(drafter_config, drafter_params, state.drafter_cache,
-                                    state.last_two, root, draft_rng, spec)
-  p, verifier_cache = _verify(verifier_config, verifier_params, state.verifier_cache,
-                              state.last_two[:, 1], drafts, spec)
+                                    state.last_two, state.features, root, draft_rng, spec)
+  p, verifier_cache, hidden = _verify(verifier_config, verifier_params, state.verifier_cache,
+                                      state.last_two[:, 1], drafts, spec)
   num_accepted, next_token, path = jax.vmap(verification.RULES[spec.rule])(
       drafts, q, p, jax.random.split(verify_rng, batch))
 
@@ -351,9 +389,21 @@ def _round(verifier_params, drafter_params, state: SpecState, verifier_config: M
                                            axis=1)[:, 0], state.last_two[:, 1])
   last_two = jnp.where(running[:, None], jnp.stack([previous, next_token], axis=1),
                        state.last_two)
+  features = state.features
+  if drafter_config.feature_dim:
+    # The hidden states that predicted `previous` and `next_token`: path depths accepted - 1 and
+    # accepted (depth -1 is the root's feature, kept from the previous round).
+    along = jnp.take_along_axis(hidden, path[:, None, None, None], axis=1)[:, 0]  # [B, g + 1, d]
+    at = lambda depth: jnp.take_along_axis(along, depth[:, None, None], axis=1)[:, 0]
+    previous_feature = jnp.where((num_accepted > 0)[:, None],
+                                 at(jnp.maximum(num_accepted - 1, 0)), state.features[:, 1])
+    features = jnp.where(running[:, None, None],
+                         jnp.stack([previous_feature, at(num_accepted)], axis=1).astype(
+                             features.dtype), state.features)
   return state.replace(
       verifier_cache=verifier_cache, drafter_cache=drafter_cache, tokens=tokens,
-      num_emitted=state.num_emitted + count, last_two=last_two, done=done, rng=rng,
+      num_emitted=state.num_emitted + count, last_two=last_two, features=features, done=done,
+      rng=rng,
       accepted_counts=state.accepted_counts + running[:, None] * jax.nn.one_hot(
           num_accepted, gamma + 1, dtype=jnp.int32))
 

@@ -2,21 +2,43 @@
 
 A decode step must read every weight and the valid part of the KV cache once, so
 floor = (weight bytes + KV bytes) / measured read bandwidth; `x floor` is how far a step is from it.
+The verify step of speculative decoding (gamma + 1 tokens in one forward) reads the same bytes at
+batch 1; `verify / AR` is its time over an AR step's, both timed inside a compiled loop.
 """
+
+import functools
 
 from absl import logging
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from budgetdraft.decoding import autoregressive
+from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.evaluation import timing
 from budgetdraft.models.checkpoint_io import Checkpoint
 
 
+@functools.partial(jax.jit, static_argnames=("config", "gamma", "steps"))
+def verify_loop(params, cache, last, *, config, gamma: int, steps: int):
+  """`steps` verify forwards of gamma + 1 tokens after the cache's prefix, in one compiled loop
+  (each rolls the cache back): the verify step's cost as the speculative loop pays it."""
+  spec = speculative.SpeculativeConfig(gamma=gamma, max_new_tokens=1)
+  drafts = jnp.broadcast_to(last[:, None, None], (last.shape[0], 1, gamma))
+  root = cache.length
+
+  def body(_, carry):
+    cache, total = carry
+    p, cache, _ = speculative.verify_step(params, cache.truncate(root), last, drafts,
+                                          verifier_config=config, spec=spec)
+    return cache, total + p[:, 0, :, 0].sum()
+
+  return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(())))[1]
+
+
 def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_new_tokens: int,
-                 prefill_chunk: int, bandwidth: float, repeats: int = 5) -> list[dict]:
+                 prefill_chunk: int, bandwidth: float, repeats: int = 5,
+                 gamma: int = 4) -> list[dict]:
   """One row per context; prompt_tokens [1, >= max(contexts) - max_new_tokens] are cut per row.
 
   The decode loop runs `repeats` times: ms/step is the median, with the spread beside it. Each row
@@ -36,12 +58,19 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
     state, prefill_s = timing.timed(start, params, prompt, lengths, jax.random.key(0))
     decode = timing.compiled(autoregressive.decode, params, state, **static)
     final, decode_times = timing.repeated(decode, lambda: (params, state), repeats)
-    rows.append(speed_row(
+    row = speed_row(
         f"budgetdraft (jax {jax.__version__}, {jax.devices()[0].platform})", context=context,
         prompt_len=prompt_len, prefill_s=prefill_s, decode_times=decode_times,
         steps=int(final.step) - 1,  # the first token came from prefill
         floor_bytes=weight_bytes + kv_bytes(config, context, config.dtype.itemsize),
-        bandwidth=bandwidth, tokens=[int(t) for t in final.tokens[0]]))
+        bandwidth=bandwidth, tokens=[int(t) for t in final.tokens[0]])
+    verify_args = (params, state.cache, state.last_token)
+    verify = timing.compiled(verify_loop, *verify_args, config=config, gamma=gamma,
+                             steps=max_new_tokens)
+    _, verify_times = timing.repeated(verify, lambda: verify_args, repeats)
+    verify_ms = 1e3 * verify_times[len(verify_times) // 2] / max_new_tokens
+    rows.append({**row, f"verify({gamma + 1}) ms": verify_ms,
+                 "verify / AR": verify_ms / row["ms/step"]})
   return rows
 
 

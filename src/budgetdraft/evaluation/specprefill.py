@@ -88,7 +88,7 @@ def _spec_decode(verifier: Checkpoint, scorer, scores, logits, cache, prompt, le
   scorer_config, scorer_params = scorer
   spec = settings.spec(selection.lookahead)
   state = speculative.begin(scorer_params, logits, cache, scores.cache, prompt, lengths,
-                            jax.random.key(1), scores.kv_scores, drafter_config=scorer_config,
+                            jax.random.key(1), kv_scores=scores.kv_scores, drafter_config=scorer_config,
                             spec=spec)
   static = dict(verifier_config=verifier.config, drafter_config=scorer_config, spec=spec)
   decode = timing.compiled(speculative.decode, verifier.params, scorer_params, state, **static)

@@ -31,7 +31,7 @@ class Variant:
 def prompt_length(context: int, variants: list[Variant]) -> int:
   """Prompt tokens that leave room for max_new_tokens and a last round's whole draft tree."""
   spec = variants[0].spec
-  headroom = max(v.spec.num_paths for v in variants) * spec.gamma + 1
+  headroom = max(v.spec.num_paths * v.spec.gamma for v in variants) + 1
   length = context - spec.max_new_tokens - headroom
   if length < 1:
     raise ValueError(f"context {context} leaves no prompt after max_new_tokens="
@@ -67,8 +67,8 @@ def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative
 
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the phases donate their cache
   root = state.verifier_cache.length
-  draft_args = lambda: (drafter_params, copy(state.drafter_cache), state.last_two, root,
-                        jax.random.key(2))
+  draft_args = lambda: (drafter_params, copy(state.drafter_cache), state.last_two,
+                        state.features, root, jax.random.key(2))
   draft = timing.compiled(speculative.draft_step, *draft_args(), drafter_config=drafter_config,
                           spec=spec)
   (drafts, _, _), draft_s = timing.timed_with_fresh_args(draft, draft_args)
@@ -87,29 +87,43 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> lis
   rows = []
   for context, windows in prompts.items():
     prompt_batches = [jnp.asarray(w[None]) for w in windows]
-    ar = [measure_ar(verifier, p, variants[0].spec) for p in prompt_batches]
-    ar_prefill, ar_decode = sum(a[0] for a in ar), sum(a[1] for a in ar)
-    logging.info("context %d AR: prefill %.2fs decode %.2fs", context, ar_prefill, ar_decode)
+    ar_runs = {}  # AR under each sampling config of the variants (greedy rows compare tokens)
+    for variant in variants:
+      sampling = variant.spec.sampling
+      if sampling not in ar_runs:
+        ar_runs[sampling] = [measure_ar(verifier, p, variant.spec) for p in prompt_batches]
+        logging.info("context %d AR (%s): prefill %.2fs decode %.2fs", context, sampling,
+                     sum(a[0] for a in ar_runs[sampling]), sum(a[1] for a in ar_runs[sampling]))
+    loaded = {}
     for variant in variants:
       spec = variant.spec
-      drafter = drafters_lib.load(variant.drafter, verifier.config, verifier.params)
+      ar = ar_runs[spec.sampling]
+      ar_prefill, ar_decode = sum(a[0] for a in ar), sum(a[1] for a in ar)
+      if variant.drafter not in loaded:
+        loaded[variant.drafter] = drafters_lib.load(variant.drafter, verifier.config,
+                                                    verifier.params)
+      drafter = loaded[variant.drafter]
       runs = [measure_speculative(verifier, drafter, p, spec) for p in prompt_batches]
       total = lambda key: sum(r[key] for r in runs)
       stats = sum((r["stats"] for r in runs[1:]), runs[0]["stats"])
       decode_s = total("decode_s")
+      ms_per_round = 1e3 * decode_s / max(1, stats.rounds)
+      draft_share = total("draft_s") / (total("draft_s") + total("verify_s"))
       same = all(r["tokens"] == a[2] for r, a in zip(runs, ar))
       row = {
           "context": context, "drafter": variant.drafter,
           "policy": spec.sparsity.policy if spec.sparsity else "full KV",
           "budget": spec.sparsity.budget if spec.sparsity else "full", "rule": spec.rule,
-          "paths": spec.num_paths,
+          "paths": spec.num_paths, "gamma": spec.gamma,
+          "temperature": spec.sampling.temperature,
           "= AR": ("yes" if same else "NO") if spec.sampling.greedy else "sampled",
           "acceptance": stats.acceptance_rate,
           "tokens/call": stats.tokens_per_call,
-          "ms/round": 1e3 * decode_s / max(1, stats.rounds),
-          "draft share": total("draft_s") / (total("draft_s") + total("verify_s")),
+          "ms/round": ms_per_round,
+          "draft ms/round": draft_share * ms_per_round,
+          "verify ms/round": (1 - draft_share) * ms_per_round,
+          "AR ms/token": 1e3 * ar_decode / (spec.max_new_tokens * len(runs)),
           "decode tok/s": spec.max_new_tokens * len(runs) / decode_s,
-          "AR decode tok/s": spec.max_new_tokens * len(runs) / ar_decode,
           "decode speedup": ar_decode / decode_s,
           "e2e speedup": (ar_prefill + ar_decode) / (total("prefill_s") + decode_s),
           "verifier KV MB": runs[0]["verifier_kv"] / 1e6,

@@ -39,6 +39,12 @@ class ModelConfig:
   compute_dtype: str = "float32"
   attention_block: int = 512  # KV block of the chunked (flash-style) attention.
   attention_impl: str = "jnp"  # "jnp" (default, every backend) or "pallas" (pallas_kernels/).
+  # Drafter-only fields (0 = off). feature_dim > 0: an EAGLE-style drafter, whose input at each
+  # position is input_proj([token embedding, the verifier's hidden state one position earlier]).
+  # draft_vocab > 0: its head scores only that many token ids (`draft_head`), the rest get -inf,
+  # so its law is zero there (lossless: the verifier decides).
+  feature_dim: int = 0
+  draft_vocab: int = 0
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -48,6 +54,9 @@ class ModelConfig:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
     if self.attention_impl not in ("jnp", "pallas"):
       raise ValueError(f"attention_impl={self.attention_impl!r}; valid: 'jnp', 'pallas'")
+    if self.feature_dim < 0 or not 0 <= self.draft_vocab <= self.vocab_size:
+      raise ValueError(f"feature_dim={self.feature_dim} must be >= 0 and draft_vocab="
+                       f"{self.draft_vocab} in [0, vocab_size={self.vocab_size}]")
 
   @property
   def dtype(self):

@@ -20,41 +20,54 @@ from budgetdraft.models.transformer import Transformer
 
 
 def prefill(model: Transformer, params, prompt, prompt_lengths, cache: FullKVCache,
-            prefill_chunk: int, positions=None):
+            prefill_chunk: int, positions=None, features=None, keep_hidden: bool = False):
   """Appends right-padded prompts to the cache.
 
   prompt: [B, T] (row b valid up to prompt_lengths[b] >= 1); positions: [B, T] increasing RoPE
   positions of the tokens (None: consecutive from the cache's length; a speculative prefill passes
-  the original positions of the tokens it keeps). Returns (logits [B, V] float32 after each row's
-  last prompt token, cache with length += prompt_lengths).
+  the original positions of the tokens it keeps); features: [B, T, F] for a model with a feature
+  input (`feature_inputs`). Returns (logits [B, V] float32 after each row's last prompt token,
+  cache with length += prompt_lengths), and hidden [B, T, dim] of every token if keep_hidden.
   """
   batch, prompt_len = prompt.shape
   num_chunks = -(-prompt_len // prefill_chunk)
   if positions is None:
     positions = cache.length[:, None] + jnp.arange(prompt_len)[None, :]
-  as_chunks = lambda x: jnp.pad(x, ((0, 0), (0, num_chunks * prefill_chunk - prompt_len))).reshape(
-      batch, num_chunks, prefill_chunk).transpose(1, 0, 2)
+  pad = num_chunks * prefill_chunk - prompt_len
+  as_chunks = lambda x: jnp.pad(x, ((0, 0), (0, pad)) + ((0, 0),) * (x.ndim - 2)).reshape(
+      (batch, num_chunks, prefill_chunk) + x.shape[2:]).swapaxes(0, 1)
   chunks = as_chunks(prompt)
   offsets = jnp.arange(num_chunks) * prefill_chunk
+  feature_chunks = as_chunks(features) if features is not None else jnp.zeros((num_chunks,))
 
   def step(carry, xs):
     cache, last_hidden = carry
-    tokens, positions, offset = xs
+    tokens, positions, offset, chunk_features = xs
     start = cache.length
-    hidden, cache = model.apply({"params": params}, tokens, positions, cache)
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache,
+                                features=chunk_features if features is not None else None)
     num_valid = jnp.clip(prompt_lengths - offset, 0, prefill_chunk)
     last_index = prompt_lengths - 1 - offset
     holds_last = (last_index >= 0) & (last_index < prefill_chunk)
     picked = jnp.take_along_axis(hidden, jnp.clip(last_index, 0, prefill_chunk - 1)[:, None, None],
                                  axis=1)[:, 0]
     last_hidden = jnp.where(holds_last[:, None], picked, last_hidden)
-    return (cache.truncate(start + num_valid), last_hidden), None
+    return (cache.truncate(start + num_valid), last_hidden), hidden if keep_hidden else None
 
   init_hidden = jnp.zeros((batch, model.config.dim), model.config.dtype)
-  (cache, last_hidden), _ = jax.lax.scan(step, (cache, init_hidden),
-                                         (chunks, as_chunks(positions), offsets))
+  (cache, last_hidden), hidden = jax.lax.scan(
+      step, (cache, init_hidden), (chunks, as_chunks(positions), offsets, feature_chunks))
   logits = model.apply({"params": params}, last_hidden, method=Transformer.logits)
+  if keep_hidden:
+    hidden = hidden.swapaxes(0, 1).reshape(batch, num_chunks * prefill_chunk, -1)[:, :prompt_len]
+    return logits, cache, hidden
   return logits, cache
+
+
+def feature_inputs(hidden):
+  """The feature input of an EAGLE-style drafter from the verifier's hidden states [B, T, dim]:
+  position t sees the state at t - 1 (the one that predicted token t), position 0 sees zeros."""
+  return jnp.pad(hidden, ((0, 0), (1, 0), (0, 0)))[:, :-1]
 
 
 @functools.partial(jax.jit, static_argnames=("config", "capacity", "prefill_chunk"))

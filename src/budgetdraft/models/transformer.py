@@ -8,10 +8,16 @@ sows each cached key's attention mass (`key_scores`, [L, B, Hkv, S]), the input 
 policies; with `mutable="attention"`, every head's probabilities (`probs`, [L, B, Hkv, G, T, S]),
 which speculative prefill aggregates its own way; otherwise no attention probabilities are formed.
 
+A drafter config may add an EAGLE-style feature input (`feature_dim`: `features` [B, T, F] are
+the verifier's hidden states one position earlier, fused with the token embeddings) and a
+reduced-vocabulary head (`draft_vocab`).
+
 Params tree (kernels are [in, out], stacked layers lead with L):
   embed/embedding [V, dim]; layers/{attn_norm,mlp_norm}/scale [L, dim];
   layers/{q,k,v,o,gate,up,down}_proj/kernel [L, in, out] (+ q/k/v bias when attention_bias);
-  final_norm/scale [dim]; lm_head/kernel [dim, V] when embeddings are untied.
+  final_norm/scale [dim]; lm_head/kernel [dim, V] when embeddings are untied;
+  input_proj/{kernel [dim + F, dim], bias} when feature_dim; draft_head/{kernel [dim, Vd],
+  ids [Vd] int32} when draft_vocab.
 """
 
 import flax.linen as nn
@@ -61,6 +67,26 @@ class RMSNorm(nn.Module):
     x32 = x.astype(jnp.float32)
     normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
     return (normed * scale.astype(jnp.float32)).astype(self.dtype)
+
+
+class SubsetHead(nn.Module):
+  """Logits over `num_ids` token ids (`ids`, an int32 param), -inf for every other id: a cheap
+  draft head whose law is zero outside the ids."""
+
+  vocab_size: int
+  num_ids: int
+  dtype: jnp.dtype
+  param_dtype: jnp.dtype
+
+  @nn.compact
+  def __call__(self, hidden):
+    kernel = self.param("kernel", nn.initializers.normal(0.02), (hidden.shape[-1], self.num_ids),
+                        self.param_dtype)
+    ids = self.param("ids", lambda rng, shape: jnp.arange(shape[0], dtype=jnp.int32),
+                     (self.num_ids,))
+    scores = jnp.dot(hidden.astype(self.dtype), kernel.astype(self.dtype)).astype(jnp.float32)
+    logits = jnp.full(hidden.shape[:-1] + (self.vocab_size,), -jnp.inf, jnp.float32)
+    return logits.at[..., ids].set(scores)
 
 
 class DecoderLayer(nn.Module):
@@ -116,25 +142,37 @@ class Transformer(nn.Module):
         split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
         length=c.num_layers)(c)
     self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.weight_dtype)
-    if not c.tie_embeddings:
+    if c.feature_dim:
+      self.input_proj = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.weight_dtype)
+    if c.draft_vocab:
+      self.draft_head = SubsetHead(c.vocab_size, c.draft_vocab, c.dtype, c.weight_dtype)
+    elif not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
                               param_dtype=c.weight_dtype)
 
-  def __call__(self, tokens, positions, cache, chunk_mask=None):
+  def __call__(self, tokens, positions, cache, chunk_mask=None, features=None):
     """Runs new tokens against the cache.
 
     tokens, positions: [B, T] (positions drive RoPE; the cache's length is the chunk start);
     chunk_mask: [B, T, T] visibility among the new tokens (a tree mask for multi-path
-    verification; None = causal, which lets the caches use their Pallas kernels). Returns
-    (hidden [B, T, dim] after the final norm, the cache holding the new keys with length + T).
+    verification; None = causal, which lets the caches use their Pallas kernels); features:
+    [B, T, feature_dim], required iff the config has a feature input. Returns (hidden [B, T, dim]
+    after the final norm, the cache holding the new keys with length + T).
     """
     x = self.embed(tokens)
+    if self.config.feature_dim:
+      if features is None:
+        raise ValueError("this model fuses the verifier's hidden states with its tokens: pass "
+                         "features [B, T, feature_dim]")
+      x = self.input_proj(jnp.concatenate([x, features.astype(x.dtype)], axis=-1))
     (x, cache), _ = self.layers((x, cache), jnp.arange(self.config.num_layers), positions,
                                 chunk_mask)
     return self.final_norm(x), cache.advance(tokens.shape[1])
 
   def logits(self, hidden):
     """float32 logits [..., V] of final hidden states."""
+    if self.config.draft_vocab:
+      return self.draft_head(hidden)
     if self.config.tie_embeddings:
       return self.embed.attend(hidden).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
@@ -145,6 +183,7 @@ def init_params(config: ModelConfig, rng) -> dict:
   model = Transformer(config)
   tokens = jnp.zeros((1, 1), jnp.int32)
   cache = FullKVCache.init(config, 1, config.attention_block)
+  features = jnp.zeros((1, 1, config.feature_dim)) if config.feature_dim else None
   # Trace the head too, so an untied lm_head is created.
-  forward = lambda module, *args: module.logits(module(*args)[0])
+  forward = lambda module, *args: module.logits(module(*args, features=features)[0])
   return model.init(rng, tokens, tokens, cache, method=forward)["params"]

@@ -7,7 +7,8 @@
 - lookahead (SpecPrefill / Lookahead Q-Cache): attention mass from the queries of a few tokens the
   drafter itself generates after the prompt, a proxy of the queries decoding will actually issue.
 - random: a control.
-Scores come from the drafter's own forward passes over its prefilled full cache (`key_scores`).
+Scores come from the drafter's own forward passes over its prefilled full cache (`key_scores`); an
+EAGLE-style drafter's passes also take its feature inputs over the prompt (`features`).
 Every score function has the signature of `policy_scores`; `POLICIES` is the registry.
 """
 
@@ -24,7 +25,7 @@ if TYPE_CHECKING:
   from budgetdraft.sparsity.selection import SparsityConfig
 
 
-def key_scores(config: ModelConfig, params, cache: FullKVCache, tokens, positions):
+def key_scores(config: ModelConfig, params, cache: FullKVCache, tokens, positions, features=None):
   """Attention mass each cached key receives from queries `tokens` at `positions` [B, T].
 
   The tokens' own keys are (re)written at their positions first, exactly as in a forward pass.
@@ -32,7 +33,7 @@ def key_scores(config: ModelConfig, params, cache: FullKVCache, tokens, position
   """
   (hidden, cache), sown = Transformer(config).apply(
       {"params": params}, tokens, positions, cache.truncate(positions[:, 0]),
-      mutable="intermediates")
+      features=features, mutable="intermediates")
   return sown["intermediates"]["layers"]["key_scores"][0], hidden, cache
 
 
@@ -42,27 +43,35 @@ def _last_tokens(prompt, prompt_lengths, count):
   return jnp.take_along_axis(prompt, positions, axis=1), positions
 
 
-def streaming_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
-  del config, params, prompt, prompt_lengths, sparsity, rng
+def _rows_at(features, positions):
+  """features [B, T, F] at positions [B, N] (None stays None)."""
+  if features is None:
+    return None
+  return jnp.take_along_axis(features, positions[..., None], axis=1)
+
+
+def streaming_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
+  del config, params, prompt, prompt_lengths, sparsity, rng, features
   shape = cache.k.shape[:3] + (cache.capacity,)
   return jnp.broadcast_to(jnp.arange(cache.capacity, dtype=jnp.float32), shape)
 
 
-def random_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
-  del config, params, prompt, prompt_lengths, sparsity
+def random_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
+  del config, params, prompt, prompt_lengths, sparsity, features
   return jax.random.uniform(rng, cache.k.shape[:3] + (cache.capacity,))
 
 
-def snapkv_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+def snapkv_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
   del rng
   tokens, positions = _last_tokens(prompt, prompt_lengths, sparsity.observation)
-  scores, _, _ = key_scores(config, params, cache, tokens, positions)
+  scores, _, _ = key_scores(config, params, cache, tokens, positions,
+                            _rows_at(features, positions))
   pooled = jax.lax.reduce_window(scores, 0.0, jax.lax.add, (1, 1, 1, sparsity.pool),
                                  (1, 1, 1, 1), "SAME")
   return pooled / sparsity.pool
 
 
-def h2o_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+def h2o_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
   del rng, prompt_lengths
   chunk = sparsity.score_chunk
   num_chunks = -(-prompt.shape[1] // chunk)
@@ -72,7 +81,9 @@ def h2o_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
     start = index * chunk
     tokens = jax.lax.dynamic_slice_in_dim(padded, start, chunk, axis=1)
     positions = jnp.broadcast_to(start + jnp.arange(chunk), tokens.shape)
-    scores, _, _ = key_scores(config, params, cache, tokens, positions)
+    clipped = jnp.minimum(positions, prompt.shape[1] - 1)  # padded queries: any valid feature
+    scores, _, _ = key_scores(config, params, cache, tokens, positions,
+                              _rows_at(features, clipped))
     return total + scores, None
 
   # Padded queries past a row's prompt only add mass to keys the selector ignores or forces.
@@ -112,9 +123,12 @@ def attention_probs(config: ModelConfig, params, cache: FullKVCache, tokens, pos
   return sown["attention"]["layers"]["probs"][0]
 
 
-def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng):
+def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
   """The attention mass the drafter's own `sparsity.lookahead` greedy next tokens give each key."""
   del rng
+  if config.feature_dim:
+    raise ValueError("the lookahead policy generates with the drafter alone; an EAGLE-style "
+                     "drafter needs the verifier's hidden states: use snapkv, h2o or streaming")
   tokens, positions, cache = lookahead(config, params, cache, prompt, prompt_lengths,
                                        sparsity.lookahead)
   return key_scores(config, params, cache, tokens, positions)[0]
@@ -125,6 +139,10 @@ POLICIES = {"streaming": streaming_scores, "snapkv": snapkv_scores, "h2o": h2o_s
 
 
 def policy_scores(config: ModelConfig, params, cache: FullKVCache, prompt, prompt_lengths,
-                  sparsity: "SparsityConfig", rng):
-  """Scores [L, B, Hkv, S >= prompt length] of `sparsity.policy` for a prefilled drafter cache."""
-  return POLICIES[sparsity.policy](config, params, cache, prompt, prompt_lengths, sparsity, rng)
+                  sparsity: "SparsityConfig", rng, features=None):
+  """Scores [L, B, Hkv, S >= prompt length] of `sparsity.policy` for a prefilled drafter cache.
+
+  features: [B, T, F] feature inputs over the prompt, for a drafter with a feature input.
+  """
+  return POLICIES[sparsity.policy](config, params, cache, prompt, prompt_lengths, sparsity, rng,
+                                   features=features)

@@ -93,15 +93,18 @@ def compress(config: ModelConfig, cache: FullKVCache, kept, prompt_lengths,
 
 
 def sparse_cache(config: ModelConfig, params, cache: FullKVCache, prompt, prompt_lengths,
-                 sparsity: SparsityConfig, gamma: int, rng, scores=None) -> SparseKVCache:
+                 sparsity: SparsityConfig, gamma: int, rng, scores=None,
+                 features=None) -> SparseKVCache:
   """The drafter's sparse cache after its prefill: policy scores, kept set, compression.
 
   cache: the drafter's full cache holding the prompt [B, T] (rows valid up to prompt_lengths);
   scores: the policy's scores [L, B, Hkv, S] when a caller already has them (speculative prefill
-  computes the lookahead policy's), else computed here.
+  computes the lookahead policy's), else computed here; features: the drafter's feature inputs
+  over the prompt [B, T, F], if it has a feature input.
   """
   if scores is None:
-    scores = policies.policy_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng)
+    scores = policies.policy_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng,
+                                    features)
   kept = select_kept(scores, prompt_lengths, sparsity)
   return compress(config, cache.truncate(prompt_lengths), kept, prompt_lengths,
                   sparsity.ring_size(gamma))

@@ -43,11 +43,17 @@ class TrainConfig:
   split: str = "train"
   seed: int = 0
 
-  drafter_layers: int = 6          # drafter = the verifier's first k layers (+ shared embed / head)
+  drafter: str = "layers"          # drafters.KINDS: "layers" (the verifier's first k blocks) or
+                                   # "eagle" (k fresh blocks fed the verifier's hidden states)
+  drafter_layers: int = 6          # k (the embedding and head are the verifier's, shared)
+  draft_vocab: int = 0             # > 0: the head scores only the most frequent training tokens
+  feature_weight: float = 0.0      # eagle: weight of the smooth-L1 regression on hidden states
   prompt_len: int = 1024           # compression point P inside each training sequence
   continuation: int = 256          # C positions after P carry the losses
   batch_size: int = 1
   steps: int = 100
+  num_sequences: int = 0           # training sequences cycled through (0: steps x batch_size,
+                                   # one pass); fewer than that trains several epochs
 
   learning_rate: float = 3e-4
   warmup_steps: int = 10
@@ -73,6 +79,15 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.sparsity.budget is not None:
       raise ValueError("sparsity.budget must be unset: the views' budgets come from `budgets`")
+    if self.drafter not in ("layers", "eagle"):
+      raise ValueError(f"drafter={self.drafter!r}; valid: 'layers', 'eagle'")
+    if self.draft_vocab < 0 or self.feature_weight < 0:
+      raise ValueError(f"draft_vocab={self.draft_vocab} and feature_weight={self.feature_weight} "
+                       "must be >= 0")
+    if self.feature_weight and self.drafter != "eagle":
+      raise ValueError("feature_weight regresses the verifier's hidden states: drafter='eagle' only")
+    if self.num_sequences < 0:
+      raise ValueError(f"num_sequences={self.num_sequences} must be >= 0")
     if self.num_views < 0:
       raise ValueError(f"num_views={self.num_views} must be >= 0")
     if self.num_views:
@@ -113,6 +128,10 @@ class TrainConfig:
   def ring_size(self) -> int:
     return self.sparsity.ring_size(self.gamma)
 
+  def sequences_used(self, available: int) -> int:
+    """How many of `available` training sequences the run cycles through."""
+    return min(available, self.num_sequences or self.steps * self.batch_size)
+
   @property
   def sequence_len(self) -> int:
     return self.prompt_len + self.continuation
@@ -128,6 +147,9 @@ class TrainConfig:
     if self.teacher.top_k > verifier_config.vocab_size:
       raise ValueError(f"teacher.top_k={self.teacher.top_k} must be in [1, vocab size "
                        f"{verifier_config.vocab_size}]")
-    if self.drafter_layers > verifier_config.num_layers:
+    if self.draft_vocab > verifier_config.vocab_size:
+      raise ValueError(f"draft_vocab={self.draft_vocab} exceeds the verifier's vocabulary of "
+                       f"{verifier_config.vocab_size}")
+    if self.drafter == "layers" and self.drafter_layers > verifier_config.num_layers:
       raise ValueError(f"drafter_layers={self.drafter_layers} exceeds the verifier's "
                        f"{verifier_config.num_layers} layers")

@@ -5,7 +5,12 @@
   whose gradient does not vanish where the supports are disjoint (useful early in training);
 - multi-view loss (sparse-cache branch): the same divergence for each sampled budget's view,
   averaged over views;
-- total = L_full + lambda * mean_B L_sparse(B).
+- total = L_full + lambda * mean_B L_sparse(B);
+- an EAGLE-style drafter adds a smooth-L1 regression of its hidden states on the verifier's
+  (`feature_regression`), weighted the same way across branches.
+A drafter with a reduced vocabulary has log q = -inf outside its ids: the teacher's mass there is a
+rejection it cannot avoid, and forward KL counts only the ids it can score (p renormalized there
+would give the same gradient).
 Probabilities are float32 [..., V]; `mask` [...] marks the positions that count (the continuation
 after the compression point, not padding).
 """
@@ -20,10 +25,20 @@ def expected_rejection(teacher_probs, draft_log_probs):
 
 
 def forward_kl(teacher_probs, draft_log_probs):
-  """[...]: KL(p || q) = sum_v p (log p - log q), with 0 log 0 = 0."""
-  teacher_log = jnp.log(jnp.where(teacher_probs > 0, teacher_probs, 1.0))
-  return jnp.sum(jnp.where(teacher_probs > 0, teacher_probs * (teacher_log - draft_log_probs),
-                           0.0), axis=-1)
+  """[...]: KL(p || q) = sum_v p (log p - log q), with 0 log 0 = 0, over the ids q can score."""
+  counted = (teacher_probs > 0) & jnp.isfinite(draft_log_probs)
+  teacher_log = jnp.log(jnp.where(counted, teacher_probs, 1.0))
+  finite_log_q = jnp.where(counted, draft_log_probs, 0.0)
+  return jnp.sum(jnp.where(counted, teacher_probs * (teacher_log - finite_log_q), 0.0), axis=-1)
+
+
+def feature_regression(hidden, target, mask):
+  """Masked mean over positions of the smooth-L1 distance (mean over features) of hidden states
+  [..., T, dim] to the verifier's [..., T, dim] (EAGLE's regression loss)."""
+  error = jnp.abs(hidden.astype(jnp.float32) - target.astype(jnp.float32))
+  per_position = jnp.mean(jnp.where(error < 1.0, 0.5 * error ** 2, error - 0.5), axis=-1)
+  mask = jnp.broadcast_to(mask, per_position.shape).astype(jnp.float32)
+  return jnp.sum(per_position * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
 def divergence(teacher_probs, draft_logits, mask, kl_weight: float):

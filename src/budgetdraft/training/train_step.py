@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from budgetdraft.models import prefill
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.training import losses, teacher as teacher_lib, views
 from budgetdraft.training.config import TrainConfig
@@ -36,23 +37,36 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
 
 def make_train_step(model_config: ModelConfig, config: TrainConfig,
                     optimizer: optax.GradientTransformation):
-  """train_step(state, shared, tokens [B, S], teacher_ids/probs [B, C, k], budgets [M])."""
+  """train_step(state, shared, tokens [B, S], teacher_ids/probs [B, C, k], budgets [M],
+  verifier_hidden [B, S, dim] or None: an EAGLE-style drafter's inputs and regression target)."""
   sparse_weight = config.sparse_weight if config.num_views else 0.0
 
-  def loss_fn(trainable, shared, tokens, teacher_ids, teacher_probs, budgets, rng):
-    logits = views.all_branch_logits(model_config, {**shared, **trainable}, tokens,
-                                     config.prompt_len, budgets, config.sparsity,
-                                     config.ring_size, rng)
+  def loss_fn(trainable, shared, tokens, teacher_ids, teacher_probs, budgets, rng,
+              verifier_hidden):
+    features = None if verifier_hidden is None else prefill.feature_inputs(verifier_hidden)
+    hidden, logits = views.all_branch_outputs(model_config, {**shared, **trainable}, tokens,
+                                              config.prompt_len, budgets, config.sparsity,
+                                              config.ring_size, rng, features)
     teacher = teacher_lib.dense_probs(teacher_ids, teacher_probs, model_config.vocab_size)
     mask = jnp.ones(teacher.shape[:-1])
-    return losses.budgetdraft_loss(teacher, logits[0], logits[1:], mask,
-                                   sparse_weight=sparse_weight, kl_weight=config.kl_weight)
+    total, parts = losses.budgetdraft_loss(teacher, logits[0], logits[1:], mask,
+                                           sparse_weight=sparse_weight,
+                                           kl_weight=config.kl_weight)
+    if config.feature_weight:
+      target = verifier_hidden[:, config.prompt_len:]
+      per_branch = jax.vmap(lambda h: losses.feature_regression(h, target, mask))(hidden)
+      feature = per_branch[0] + sparse_weight * (
+          jnp.mean(per_branch[1:]) if per_branch.shape[0] > 1 else 0.0)
+      total = total + config.feature_weight * feature
+      parts = {**parts, "feature": feature}
+    return total, parts
 
   @functools.partial(jax.jit, donate_argnums=(0,))
-  def train_step(state: TrainState, shared, tokens, teacher_ids, teacher_probs, budgets):
+  def train_step(state: TrainState, shared, tokens, teacher_ids, teacher_probs, budgets,
+                 verifier_hidden=None):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)
     (loss, parts), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        state.params, shared, tokens, teacher_ids, teacher_probs, budgets, rng)
+        state.params, shared, tokens, teacher_ids, teacher_probs, budgets, rng, verifier_hidden)
     updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
     state = state.replace(step=state.step + 1, data_position=state.data_position + tokens.shape[0],
                           params=optax.apply_updates(state.params, updates), opt_state=opt_state)

@@ -15,7 +15,6 @@ readable one; the drafter is exported atomically and an earlier export is kept b
 """
 
 import functools
-import hashlib
 import json
 import os
 import time
@@ -37,28 +36,34 @@ from budgetdraft.training.train_step import TrainState, make_optimizer, make_tra
 
 
 class _Teacher:
-  """Teacher targets for sequence indices, on the fly or from the array_record cache."""
+  """Teacher targets (+ the verifier's hidden states for an EAGLE-style drafter) for sequence
+  indices, on the fly or from the array_record cache."""
 
   def __init__(self, config: TrainConfig, verifier_config, verifier_params, sequences,
                verifier_name):
     self.top_k, self.continuation = config.teacher.top_k, config.continuation
     self.sequences = sequences
+    with_features = config.drafter == "eagle"
+    self.features = (sequences.shape[1], verifier_config.dim) if with_features else None
     self.compute = functools.partial(
         teacher_lib.teacher_targets, verifier_params, config=verifier_config,
-        prompt_len=config.prompt_len, top_k=config.teacher.top_k)
+        prompt_len=config.prompt_len, top_k=config.teacher.top_k, with_features=with_features)
     self.cache = None
     if config.teacher.cache_dir:
-      fingerprint = hashlib.sha256(sequences.tobytes()).hexdigest()[:16]
-      self.cache = teacher_lib.TeacherCache(config.teacher.cache_dir, {
-          "verifier": verifier_name, "prompt_len": config.prompt_len,
-          "continuation": config.continuation, "top_k": config.teacher.top_k,
-          "sequences": fingerprint})
+      manifest = {"verifier": verifier_name, "prompt_len": config.prompt_len,
+                  "continuation": config.continuation, "top_k": config.teacher.top_k}
+      if with_features:
+        manifest["features"] = verifier_config.dim
+      self.cache = teacher_lib.TeacherCache(config.teacher.cache_dir, manifest)
       self.cache.build(self.compute, sequences)
 
   def __call__(self, indices):
+    """(ids, probs, hidden states or None)."""
     if self.cache is not None:
-      return self.cache.read(indices, self.continuation, self.top_k)
-    return self.compute(jnp.asarray(self.sequences[indices]))
+      targets = self.cache.read(indices, self.continuation, self.top_k, self.features)
+    else:
+      targets = self.compute(jnp.asarray(self.sequences[indices]))
+    return tuple(targets) + (None,) * (3 - len(targets))
 
 
 class _Progress:
@@ -90,10 +95,13 @@ class _Progress:
               "acceptance_full": float(metrics["acceptance_full"]),
               "budgets": budgets.tolist(),
               "acceptance_views": np.asarray(metrics["acceptance_views"]).tolist()}
+    if "feature" in metrics:
+      record["feature"] = float(metrics["feature"])
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for key in ("loss", "full", "sparse", "grad_norm", "acceptance_full"):
-      self.writer.add_scalar(f"train/{key}", record[key], step)
+    for key in ("loss", "full", "sparse", "grad_norm", "acceptance_full", "feature"):
+      if key in record:
+        self.writer.add_scalar(f"train/{key}", record[key], step)
     for budget, acceptance in zip(record["budgets"], record["acceptance_views"]):
       self.writer.add_scalar(f"acceptance/budget_{budget}", acceptance, step)
     self.pending.append(record)
@@ -203,8 +211,13 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
               "fingerprint": checkpoint_io.fingerprint(verifier_config, verifier_params)}
   _claim_workdir(config, verifier)
   workdir = config.workdir
-  model_config, trainable, shared = drafters.from_verifier(verifier_config, verifier_params,
-                                                           config.drafter_layers)
+  num_used = config.sequences_used(len(sequences))
+  # From every training sequence, not the steps' share: a run extended later keeps its ids.
+  draft_ids = (drafters.frequent_ids(sequences, config.draft_vocab,
+                                     verifier_config.vocab_size) if config.draft_vocab else None)
+  model_config, trainable, shared = drafters.initialize(
+      config.drafter, verifier_config, verifier_params, config.drafter_layers, draft_ids,
+      config.seed)
   optimizer = make_optimizer(config)
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state, not the verifier's
   state = TrainState(step=jnp.zeros((), jnp.int32), data_position=jnp.zeros((), jnp.int32),
@@ -215,7 +228,6 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   if int(state.step) > config.steps:
     raise ValueError(f"{workdir} is at step {int(state.step)}, past steps={config.steps}")
 
-  num_used = min(len(sequences), config.steps * config.batch_size)
   teacher = _Teacher(config, verifier_config, verifier_params, sequences[:num_used],
                      verifier_name)
   train_step = make_train_step(model_config, config, optimizer)
@@ -226,9 +238,9 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   for step in range(int(state.step), last_step):
     step_budgets = sample_budgets(config, step)
     indices = (int(state.data_position) + np.arange(config.batch_size)) % num_used
-    teacher_ids, teacher_probs = teacher(indices)
+    teacher_ids, teacher_probs, verifier_hidden = teacher(indices)
     state, metrics = train_step(state, shared, jnp.asarray(sequences[indices]), teacher_ids,
-                                teacher_probs, jnp.asarray(step_budgets))
+                                teacher_probs, jnp.asarray(step_budgets), verifier_hidden)
     metrics = jax.device_get(metrics)
     is_last = step + 1 == last_step
     progress.record(step, metrics, step_budgets,
@@ -240,6 +252,7 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   progress.close()
   drafter_dir = os.path.join(workdir, "drafter")
   if int(state.step) == config.steps and not _exported(drafter_dir, config.steps, verifier):
-    drafters.save(drafter_dir, state.params, num_layers=config.drafter_layers, verifier=verifier,
-                  steps=config.steps)
+    drafters.save(drafter_dir, state.params, kind=config.drafter,
+                  num_layers=config.drafter_layers, verifier=verifier, steps=config.steps,
+                  draft_ids=draft_ids)
   return history

@@ -8,7 +8,8 @@ budget keeps, per layer and KV head, what the inference rule `selection.keep_mas
 C continuation tokens then run once per branch against the shared prompt keys: the full branch sees
 every key, a view at budget B sees its kept keys + the last `ring_size` tokens since P, which is
 what a `SparseKVCache` compressed at P would show (`MaskedKVCache`). Gradients reach the prompt
-pass through the kept keys and values.
+pass through the kept keys and values. An EAGLE-style drafter takes `features` [B, P + C, F] (its
+feature inputs, `prefill.feature_inputs` of the verifier's hidden states) in every pass.
 """
 
 import jax
@@ -24,31 +25,32 @@ def _positions(batch: int, start: int, count: int):
   return jnp.broadcast_to(start + jnp.arange(count), (batch, count))
 
 
-def prompt_pass(config: ModelConfig, params, prompt, capacity: int) -> FullKVCache:
+def prompt_pass(config: ModelConfig, params, prompt, capacity: int, features=None) -> FullKVCache:
   """Keys and values of the prompt [B, P] (full causal attention, differentiable)."""
   batch, prompt_len = prompt.shape
   cache = FullKVCache.init(config, batch, capacity)
   keep_all = jnp.ones(cache.k.shape[:4], bool)
   view = MaskedKVCache(cache, keep_all, jnp.zeros((batch,), jnp.int32))
   _, view = Transformer(config).apply({"params": params}, prompt,
-                                      _positions(batch, 0, prompt_len), view)
+                                      _positions(batch, 0, prompt_len), view, features=features)
   return view.cache
 
 
 def keep_masks(config: ModelConfig, params, cache: FullKVCache, prompt, budgets,
-               sparsity: selection.SparsityConfig, rng):
+               sparsity: selection.SparsityConfig, rng, features=None):
   """[M, L, B, Hkv, capacity] bool: the prompt keys each budget in `budgets` [M] keeps."""
   prompt_lengths = jnp.full((prompt.shape[0],), prompt.shape[1], jnp.int32)
   frozen = jax.lax.stop_gradient
   scores = policies.policy_scores(config, frozen(params), frozen(cache), prompt, prompt_lengths,
-                                  sparsity, rng)
+                                  sparsity, rng, features)
   return jax.vmap(lambda budget: selection.keep_mask(scores, prompt_lengths, budget, sparsity))(
       budgets)
 
 
-def branch_logits(config: ModelConfig, params, cache: FullKVCache, continuation, keeps,
-                  ring_size: int):
-  """Logits [N, B, C, V] of the continuation [B, C] under each keep mask in keeps [N, L, B, Hkv, S].
+def branch_outputs(config: ModelConfig, params, cache: FullKVCache, continuation, keeps,
+                   ring_size: int, features=None):
+  """(hidden [N, B, C, dim], logits [N, B, C, V]) of the continuation [B, C] under each keep mask
+  in keeps [N, L, B, Hkv, S].
 
   The cache holds the prompt (its length is the compression point P).
   """
@@ -58,19 +60,23 @@ def branch_logits(config: ModelConfig, params, cache: FullKVCache, continuation,
 
   def one_branch(keep):
     view = MaskedKVCache(cache, keep, cache.length, ring_size)
-    hidden, _ = model.apply({"params": params}, continuation, positions, view)
-    return model.apply({"params": params}, hidden, method=Transformer.logits)
+    hidden, _ = model.apply({"params": params}, continuation, positions, view, features=features)
+    return hidden, model.apply({"params": params}, hidden, method=Transformer.logits)
 
   return jax.lax.map(one_branch, keeps)
 
 
-def all_branch_logits(config: ModelConfig, params, tokens, prompt_len: int, budgets,
-                      sparsity: selection.SparsityConfig, ring_size: int, rng):
-  """Logits [1 + M, B, C, V] of the continuation tokens[:, P:]: the full branch, then M views."""
+def all_branch_outputs(config: ModelConfig, params, tokens, prompt_len: int, budgets,
+                       sparsity: selection.SparsityConfig, ring_size: int, rng, features=None):
+  """(hidden [1 + M, B, C, dim], logits [1 + M, B, C, V]) of the continuation tokens[:, P:]: the
+  full branch, then M views."""
   prompt, continuation = tokens[:, :prompt_len], tokens[:, prompt_len:]
-  cache = prompt_pass(config, params, prompt, tokens.shape[1])
+  prompt_features, continuation_features = (
+      (None, None) if features is None else (features[:, :prompt_len], features[:, prompt_len:]))
+  cache = prompt_pass(config, params, prompt, tokens.shape[1], prompt_features)
   keep_all = jnp.ones((1,) + cache.k.shape[:4], bool)
   if budgets.shape[0]:
-    keeps = keep_masks(config, params, cache, prompt, budgets, sparsity, rng)
+    keeps = keep_masks(config, params, cache, prompt, budgets, sparsity, rng, prompt_features)
     keep_all = jnp.concatenate([keep_all, keeps], axis=0)
-  return branch_logits(config, params, cache, continuation, keep_all, ring_size)
+  return branch_outputs(config, params, cache, continuation, keep_all, ring_size,
+                        continuation_features)
