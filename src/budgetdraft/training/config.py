@@ -8,6 +8,7 @@ Frozen and hashable, so the jitted train step takes it as a static argument.
 import dataclasses
 from typing import Mapping
 
+from budgetdraft import drafters
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.sparsity.selection import SparsityConfig
 
@@ -79,8 +80,8 @@ class TrainConfig:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.sparsity.budget is not None:
       raise ValueError("sparsity.budget must be unset: the views' budgets come from `budgets`")
-    if self.drafter not in ("layers", "eagle"):
-      raise ValueError(f"drafter={self.drafter!r}; valid: 'layers', 'eagle'")
+    if self.drafter not in drafters.KINDS:
+      raise ValueError(f"drafter={self.drafter!r}; valid: {', '.join(map(repr, drafters.KINDS))}")
     if self.draft_vocab < 0 or self.feature_weight < 0:
       raise ValueError(f"draft_vocab={self.draft_vocab} and feature_weight={self.feature_weight} "
                        "must be >= 0")
