@@ -2,16 +2,21 @@
 
 Variants:
   smollm2  the drafters trained by `make drafters` (naive, single-budget, BudgetDraft) and the
-           untrained 6-layer cut, against SmolLM2-135M at 4K and 8K (~10 min on a 2-core CPU).
-Drafters are `drafters.load` sources with a label for the table.
+           untrained 6-layer cut, against SmolLM2-135M at 4K and 8K (~10 min on a 2-core CPU);
+  paper    BudgetDraft's published protocol (issue 19) for the drafters of
+           configs/budgetdraft_paper.py (train them first): greedy, 256 new tokens, gamma 5,
+           9 prompts of 3800 tokens and of 7931 (SmolLM2's 8192 positions less 256 + 5), TriForce
+           chunk retrieval at budgets 256-2048 with no eviction of generated tokens.
+Drafters are `drafters.load` sources with a label for the table. Results go to
+results/acceptance_vs_budget (smollm2) or results/acceptance_vs_budget_<variant>.
 """
 
 import ml_collections
 
 
 def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
-  if variant != "smollm2":
-    raise ValueError(f"unknown variant {variant!r}; valid: smollm2")
+  if variant not in ("smollm2", "paper"):
+    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper")
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.checkpoint = ""           # verifier; "" = the embedded SmolLM2-135M-Instruct GGUF
@@ -29,4 +34,16 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   trained = "trained:checkpoints/budgetdraft_smollm2_"
   config.drafters = (("untrained cut", "layers:6"), ("naive", trained + "naive"),
                      ("single-budget", trained + "single"), ("BudgetDraft", trained + "multiview"))
+  if variant == "paper":
+    config.contexts = (3800 + 256 + 5, 8192)  # prompt = context - new tokens - gamma
+    config.num_prompts = 9
+    config.max_new_tokens = 256
+    config.gamma = 5
+    config.budgets = (256, 512, 1024, 2048)
+    config.sparsity = ml_collections.ConfigDict(
+        {"policy": "chunk_retrieval", "chunk": 8, "sinks": 0, "window": 0, "recent": 256})
+    paper = "trained:checkpoints/budgetdraft_paper_"
+    config.drafters = (("untrained cut", "layers:6"), ("L_A only", paper + "la_only"),
+                       ("BudgetDraft", paper + "paper"), ("L_A + 1.0 L_C", paper + "w1"),
+                       ("fixed budget 1024", paper + "fixed1024"))
   return config

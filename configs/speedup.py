@@ -5,7 +5,16 @@ Variants:
            (drafters/smollm2-eagle) at two KV budgets and with a full cache, greedy and at
            temperature 1, beside self-drafting and a layer cut (< 10 min on a 2-core CPU);
   full     4K and 8K, every policy at budgets 256-2048, every verification rule (hours on CPU).
-  trained  the drafters trained by experiments/train_drafter.py (run those first) at 4K.
+  trained  the drafters trained by experiments/train_drafter.py (run those first) at 4K;
+  paper    BudgetDraft's published protocol (issue 19): greedy, 256 new tokens, 9 prompts (the
+           paper's 10 less its warm-up; compilation here is ahead of time and never timed),
+           TriForce chunk retrieval at budgets 256-2048 with no eviction of generated tokens, a
+           context-blind control (4 sinks + the last 64 prompt tokens) and the full-cache drafter,
+           over the gamma grid {3, 5, 10, 15, 30, 65}; gamma 5 is the primary row and a secondary
+           table takes the best gamma per setting. Prompts of 3800 tokens (the paper's "4K") and
+           7870 (SmolLM2's 8192 positions less 256 new tokens and a 65-token draft; the paper's
+           8192 and 16384 need a longer-context --config.checkpoint and --config.contexts).
+           Hours on a 2-core CPU.
 A row's drafter is a `drafters.load` source: `layers:<k>`, `self`, `trained:<workdir>` or
 `checkpoint:<path>`; policy None = the drafter keeps a full cache; temperature and gamma None
 = the config's.
@@ -18,9 +27,14 @@ SHIPPED = "trained:drafters/smollm2-eagle"  # the drafter committed with the rep
 
 
 def _row(drafter, policy=None, budget=None, rule="block", num_paths=1, temperature=None,
-         gamma=None):
+         gamma=None, **sparsity):
+  """One table row; `sparsity` overrides the config's shared SparsityConfig fields."""
   return {"drafter": drafter, "policy": policy, "budget": budget, "rule": rule,
-          "num_paths": num_paths, "temperature": temperature, "gamma": gamma}
+          "num_paths": num_paths, "temperature": temperature, "gamma": gamma,
+          "sparsity": sparsity}
+
+
+PAPER_GAMMAS = (3, 5, 10, 15, 30, 65)
 
 
 def get_config(variant: str = "default") -> ml_collections.ConfigDict:
@@ -70,6 +84,21 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.rows += [_row(trained("multiview"), "snapkv", budget) for budget in (128, 1024)]
     config.rows += [_row(trained("multiview"))]
     config.rows += [_row(trained("eagle"), "snapkv", 256), _row(trained("eagle"))]
+  elif variant == "paper":
+    headroom = max(PAPER_GAMMAS) + 1  # a last round's whole draft chain fits (prompt_length)
+    config.contexts = (3800 + 256 + headroom, 8192)
+    config.num_prompts = 9
+    config.max_new_tokens = 256
+    config.gamma = 5
+    config.sparsity = ml_collections.ConfigDict(
+        {"sinks": 0, "window": 0, "chunk": 8, "recent": 256})
+    config.rows = []
+    for gamma in PAPER_GAMMAS:
+      config.rows += [_row(SHIPPED, "chunk_retrieval", budget, gamma=gamma)
+                      for budget in (256, 512, 1024, 2048)]
+      config.rows += [_row(SHIPPED, "streaming", 68, gamma=gamma, sinks=4, window=64),
+                      _row(SHIPPED, gamma=gamma)]
   else:
-    raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full, trained")
+    raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full, trained, "
+                     "paper")
   return config

@@ -3,7 +3,8 @@
   python experiments/acceptance_vs_budget.py --config=configs/acceptance_vs_budget.py:smollm2
 
 Measured teacher-forced along the verifier's greedy path (`budgetdraft.evaluation.acceptance`,
-which replays the greedy engine exactly). Writes results/acceptance_vs_budget.{md,json,png}.
+which replays the greedy engine exactly). Writes results/acceptance_vs_budget.{md,json,png}
+(the `paper` variant: results/acceptance_vs_budget_paper.*).
 """
 
 from absl import app, flags
@@ -38,7 +39,8 @@ def main(argv):
       verifier, drafter_models, prompts, list(cfg.budgets) + [None], sparsity, gamma=cfg.gamma,
       max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk)
 
-  path = results.output_path(_RESULTS_DIR.value, "acceptance_vs_budget",
+  name = "acceptance_vs_budget" + ("" if cfg.variant == "smollm2" else f"_{cfg.variant}")
+  path = results.output_path(_RESULTS_DIR.value, name,
                              config_flags.get_override_values(flags.FLAGS["config"]))
   labels = ", ".join(f"{label} = `{source}`" for label, source in cfg.drafters)
   notes = (f"Verifier {verifier.name}; drafters: {labels}. {cfg.num_prompts} held-out "

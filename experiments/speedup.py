@@ -34,7 +34,7 @@ def main(argv):
       max_new_tokens=cfg.max_new_tokens,
       prefill_chunk=cfg.prefill_chunk,
       sparsity=None if row["policy"] is None else dataclasses.replace(
-          shared, policy=row["policy"], budget=row["budget"])))
+          shared, policy=row["policy"], budget=row["budget"], **row.get("sparsity", {}))))
       for row in cfg.rows]
   for variant in variants:
     drafters.check(variant.drafter)
@@ -56,9 +56,19 @@ def main(argv):
            "decode loop time per verifier call, split into draft and verify ms by the drafter's "
            "share of a round, estimated from a draft phase and a verify phase timed on their "
            "own (standalone phases run slower than inside the loop, so only their ratio is "
-           "used).")
+           "used). Cost decomposition: T_D/T_T and T_V/T_T are one draft step and one "
+           "verify step (gamma drafts) over one AR step, all three timed on their own; "
+           "predicted speedup = tokens/call / (gamma T_D/T_T + T_V/T_T) (MagicDec). s.e.: "
+           "standard error over prompts. Repetition of the generated text: distinct-2/3 = "
+           "distinct n-grams / n-grams; copy share = the share of new tokens completing a "
+           "4-gram seen earlier in the prompt or the output.")
   print(results.write(path, f"Speculative decoding speedup ({cfg.variant})", rows, notes,
                       with_csv=True))
+  if best := speedup.best_over_gamma(rows):
+    print(results.write(path + "_best_gamma", f"Best over the gamma grid ({cfg.variant}; "
+                        "secondary view)", best, "Per setting, the gamma of the best decode "
+                        f"speedup among those measured in {path}.md. The maximum of noisy "
+                        "measurements is optimistic: the fixed-gamma rows are the primary table."))
   speedup.plot(rows, path + ".png")
   if mismatched := speedup.greedy_mismatches(rows):
     raise RuntimeError(f"greedy speculative tokens differ from AR's in {mismatched}: a "

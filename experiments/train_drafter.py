@@ -3,6 +3,7 @@
   python experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:multiview
   python experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:naive
   python experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:single
+  python experiments/train_drafter.py --config=configs/budgetdraft_paper.py:cpu   # as published
 
 Training sequences are non-overlapping (prompt_len + continuation)-token sequences of the dataset's
 train split, shuffled by the seed. Progress goes to the log, per-step metrics to

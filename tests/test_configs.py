@@ -1,8 +1,13 @@
 """Every shipped experiment config builds and carries the fields its entry point reads."""
 
+import dataclasses
+
 import pytest
 
 from budgetdraft import verification
+from budgetdraft.decoding.speculative import SpeculativeConfig
+from budgetdraft.evaluation import speedup as speedup_lib
+from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft import specprefill as specprefill_lib
 from configs import (acceptance_vs_budget, bench_decode, bench_kernels, budgetdraft_smollm2,
                      rule_efficiency, specprefill, speedup, verification_table)
@@ -11,17 +16,34 @@ SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", 
                   "sparsity"}
 
 
-@pytest.mark.parametrize("variant", ["default", "full", "trained"])
+@pytest.mark.parametrize("variant", ["default", "full", "trained", "paper"])
 def test_speedup_variants(variant):
   cfg = speedup.get_config(variant)
   assert SPEEDUP_FIELDS <= set(cfg.keys())
   assert all(context > cfg.max_new_tokens for context in cfg.contexts) and cfg.rows
 
 
-def test_acceptance_vs_budget_config():
-  cfg = acceptance_vs_budget.get_config()
+def test_the_paper_protocol_builds_valid_rows_at_the_published_prompt_length():
+  cfg = speedup.get_config("paper")
+  shared = SparsityConfig(budget=None, **cfg.sparsity)
+  variants = [speedup_lib.Variant(row["drafter"], SpeculativeConfig(
+      gamma=row["gamma"], max_new_tokens=cfg.max_new_tokens,
+      sparsity=None if row["policy"] is None else dataclasses.replace(
+          shared, policy=row["policy"], budget=row["budget"], **row["sparsity"])))
+      for row in cfg.rows]  # builds every SparsityConfig: budgets are whole chunks
+  assert [speedup_lib.prompt_length(c, variants) for c in cfg.contexts] == [3800, 7870]
+  assert {v.spec.gamma for v in variants} == set(speedup.PAPER_GAMMAS)
+  assert all(v.spec.sparsity.recent >= cfg.max_new_tokens for v in variants if v.spec.sparsity)
+
+
+@pytest.mark.parametrize("variant", ["smollm2", "paper"])
+def test_acceptance_vs_budget_config(variant):
+  cfg = acceptance_vs_budget.get_config(variant)
   assert sorted(cfg.budgets) == list(cfg.budgets) and len(cfg.drafters) >= 2
   assert cfg.max_new_tokens <= cfg.sparsity.recent  # the greedy path must fit the drafter's ring
+  sparsity = SparsityConfig(budget=None, **cfg.sparsity)
+  for budget in cfg.budgets:
+    sparsity.check_budget(budget)
 
 
 def test_rule_efficiency_config_names_registered_rules():

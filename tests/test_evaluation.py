@@ -11,7 +11,7 @@ import pytest
 from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
-from budgetdraft.evaluation import decode_speed, results, rule_efficiency, speedup
+from budgetdraft.evaluation import decode_speed, repetition, results, rule_efficiency, speedup
 from budgetdraft.models.checkpoint_io import Checkpoint
 from tests.test_speculative import TINY_SPARSITY, tiny_pair  # noqa: F401 (fixture)
 
@@ -50,6 +50,35 @@ def test_speedup_rows_at_two_temperatures_compare_each_with_its_own_ar(tiny_veri
   for row in rows:
     assert row["draft ms/round"] + row["verify ms/round"] == pytest.approx(row["ms/round"])
     assert row["tokens/call"] >= 1
+
+
+def test_a_gamma_grid_reports_errors_costs_repetition_and_a_secondary_best_view(tiny_verifier):
+  spec = SpeculativeConfig(gamma=2, max_new_tokens=8, prefill_chunk=32, sparsity=TINY_SPARSITY)
+  variants = [speedup.Variant("self", dataclasses.replace(spec, gamma=gamma)) for gamma in (2, 3)]
+  variants.append(speedup.Variant("self", dataclasses.replace(spec, sparsity=None)))
+  prompts = _prompts(2, speedup.prompt_length(160, variants))
+  rows = speedup.speedup(tiny_verifier, {160: prompts}, variants)
+  for row in rows:
+    assert row["speedup s.e."] >= 0 and row["tokens/call s.e."] >= 0  # two prompts: finite
+    assert row["T_D/T_T"] > 0 and row["T_V/T_T"] > 0
+    assert row["predicted speedup"] == pytest.approx(
+        row["tokens/call"] / (row["gamma"] * row["T_D/T_T"] + row["T_V/T_T"]))
+    assert 0 < row["distinct-2"] <= 1 and 0 <= row["copy share"] <= 1
+  best = speedup.best_over_gamma(rows)  # only the setting measured at two gammas
+  assert len(best) == 1 and best[0]["policy"] == rows[0]["policy"]
+  assert best[0]["decode speedup"] == max(r["decode speedup"] for r in rows[:2])
+
+
+def test_repetition_measures_on_hand_made_text():
+  assert repetition.distinct_ratio([1, 2, 3, 4], 2) == 1.0
+  assert repetition.distinct_ratio([1, 2, 1, 2, 1], 2) == pytest.approx(2 / 4)
+  assert np.isnan(repetition.distinct_ratio([1], 2))
+  assert repetition.copy_share([1, 2, 3], [4], n=4) == 0.0
+  # 4-grams: [5 1 2 3] is new, [1 2 3 4] was in the context, [2 3 4 1] new, [3 4 1 2] new.
+  assert repetition.copy_share([1, 2, 3, 4, 5, 1, 2], [3, 4, 1, 2], n=4) == pytest.approx(1 / 4)
+  # The continuation copies itself: the first token has no 2-gram, (7 8) and (8 7) are new, the
+  # three after them repeat.
+  assert repetition.copy_share([], [7, 8, 7, 8, 7, 8], n=2) == pytest.approx(3 / 6)
 
 
 def test_the_verify_loop_repeats_one_verify_step(tiny_verifier):

@@ -64,7 +64,8 @@ def test_bad_sparsity_configs_fail_clearly():
     selection.SparsityConfig(policy="magic")
 
 
-@pytest.mark.parametrize("field", ["pool", "observation", "lookahead", "score_chunk", "recent"])
+@pytest.mark.parametrize("field", ["pool", "observation", "lookahead", "score_chunk", "recent",
+                                   "chunk"])
 def test_zero_sizes_fail_at_the_config_not_deep_in_jax(field):
   with pytest.raises(ValueError, match=f"{field}=0 must be >= 1"):
     selection.SparsityConfig(**{field: 0})
@@ -128,3 +129,39 @@ def test_sparse_attention_equals_full_attention_over_the_kept_set(tiny_model):
   np.testing.assert_allclose(sparse_hidden, full_hidden, atol=2e-5)
   ring = np.asarray(sparse.positions[..., budget.budget:])
   assert sorted(set(ring[ring >= 0].tolist())) == [100, 101, 102]
+
+
+def test_chunk_retrieval_keeps_chunk_zero_and_the_best_whole_chunks():
+  """Scores by hand: last prompt key . each chunk's mean key; chunk 0 first, then the best."""
+  config = get_config("tiny")
+  sparsity = selection.SparsityConfig(policy="chunk_retrieval", budget=32, sinks=0, window=0,
+                                      chunk=8)
+  cache = FullKVCache.init(config, 2, 128)
+  cache = cache.replace(k=jax.random.normal(jax.random.key(0), cache.k.shape))
+  lengths = jnp.array([100, 61])  # 61: a partial last chunk of 5 keys
+  scores = policies.chunk_retrieval_scores(config, None, cache, None, lengths, sparsity, None)
+  kept = np.asarray(selection.select_kept(scores, lengths, sparsity))
+  keys = np.asarray(cache.k)
+  partial_kept = 0
+  for row, length in enumerate(lengths.tolist()):
+    for layer in range(config.num_layers):
+      for head in range(config.num_kv_heads):
+        k = keys[layer, row, head, :length]
+        chunk_means = [k[start:start + 8].mean(0) for start in range(0, length, 8)]
+        by_hand = np.array([m @ k[-1] for m in chunk_means])
+        ranked = [0, *(1 + np.argsort(-by_hand[1:], kind="stable"))]
+        # Whole chunks in rank order, up to the budget (a partial last chunk leaves room that the
+        # next chunk's first positions fill).
+        in_rank_order = [p for c in ranked for p in range(8 * c, min(8 * c + 8, length))]
+        got = kept[layer, row, head]
+        assert got[got >= 0].tolist() == sorted(in_rank_order[:32])
+        partial_kept += length - 1 in in_rank_order[:24]
+  assert partial_kept  # the partial-chunk case was exercised
+
+
+def test_chunk_retrieval_budgets_must_be_whole_chunks():
+  with pytest.raises(ValueError, match="positive multiple of chunk=8"):
+    selection.SparsityConfig(policy="chunk_retrieval", budget=100, sinks=0, window=0)
+  with pytest.raises(ValueError, match="chunk=0 must be >= 1"):
+    selection.SparsityConfig(policy="chunk_retrieval", chunk=0)
+  selection.SparsityConfig(policy="snapkv", budget=100)  # other policies take any budget

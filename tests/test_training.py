@@ -19,7 +19,7 @@ from budgetdraft.models.transformer import init_params
 from budgetdraft import drafters
 from budgetdraft.training import trainer
 from budgetdraft.training.config import TrainConfig
-from configs import budgetdraft_smollm2
+from configs import budgetdraft_paper, budgetdraft_smollm2
 
 PROMPT_LEN, CONTINUATION = 48, 16
 
@@ -183,6 +183,37 @@ def test_shipped_configs_are_valid_for_smollm2(variant):
   assert (cfg.num_views == 0) == (variant == "naive")
 
 
+@pytest.mark.parametrize("variant", budgetdraft_paper.VARIANTS)
+def test_the_published_recipe_configs_are_valid_for_smollm2(variant):
+  cfg = TrainConfig.from_dict(budgetdraft_paper.get_config(variant))
+  cfg.check_against(get_config("smollm2-135m"), cfg.prompt_len + cfg.continuation)
+  assert cfg.targets == "argmax" and not cfg.prefix_gradient
+  assert cfg.sparsity.policy == "chunk_retrieval" and cfg.sparsity.recent >= cfg.continuation
+  assert cfg.num_views == (0 if variant == "la_only" else 1)
+
+
+def test_the_published_recipe_learns_on_the_same_trainer(tiny_teacher, tmp_path):
+  """Hard labels, a prefix without gradient, one weighted budget per step, chunk retrieval."""
+  config, params = tiny_teacher
+  raw = budgetdraft_paper.get_config("cpu")
+  raw.update(dict(drafter_layers=1, prompt_len=PROMPT_LEN, continuation=CONTINUATION, steps=100,
+                  learning_rate=3e-3, warmup_steps=5, gamma=2, log_every=50,
+                  checkpoint_every=100, workdir=str(tmp_path), budgets=(8, 16, 24),
+                  budget_weights=(0.5, 0.5, 0.0)))
+  raw.sparsity.update(dict(chunk=4, recent=CONTINUATION))
+  raw.teacher.update(dict(top_k=32, cache_dir=""))
+  history = trainer.train(TrainConfig.from_dict(raw), config, params,
+                          _sequences(config.vocab_size))
+  for branch in ("full", "sparse"):
+    first, last = _mean(history, branch, slice(0, 10)), _mean(history, branch, slice(-10, None))
+    assert last < 0.8 * first, (branch, first, last)
+  drawn = {b for line in (tmp_path / "metrics.jsonl").read_text().splitlines()
+           for b in json.loads(line)["budgets"]}
+  assert drawn == {8, 16}  # weight 0: never drawn
+  drafter_config, drafter_params = drafters.load(f"trained:{tmp_path}", config, params)
+  assert drafter_config.num_layers == 1
+
+
 # ------------------------------------------------------------------ workdirs, resume, corruption
 
 
@@ -203,6 +234,21 @@ def test_resuming_under_another_config_is_refused_naming_the_fields(tiny_teacher
     trainer.train(changed, config, params, sequences)
   allowed = dataclasses.replace(changed, allow_config_change=True)
   assert [h["step"] for h in trainer.train(allowed, config, params, sequences)] == [3, 4, 5]
+
+
+def test_a_record_written_before_a_field_existed_reads_as_its_default(tiny_teacher, tmp_path):
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size)
+  cfg = _config(steps=5, workdir=str(tmp_path))
+  trainer.train(cfg, config, params, sequences, stop_after=2)
+  record_path = tmp_path / "train_config.json"
+  record = json.loads(record_path.read_text())
+  for newer in ("targets", "prefix_gradient", "budget_weights", "sparsity.chunk"):
+    del record["recipe"][newer]
+  record_path.write_text(json.dumps(record))
+  assert [h["step"] for h in trainer.train(cfg, config, params, sequences)] == [2, 3, 4]
+  with pytest.raises(ValueError, match="targets 'soft' -> 'argmax'"):
+    trainer.train(dataclasses.replace(cfg, targets="argmax"), config, params, sequences)
 
 
 def test_a_workdir_holding_another_runs_drafter_is_refused_before_training(tiny_teacher, tmp_path):

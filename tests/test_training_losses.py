@@ -59,6 +59,32 @@ def test_budgetdraft_loss_combines_branches_and_has_finite_gradients():
   assert all(bool(jnp.all(jnp.isfinite(g))) and float(jnp.abs(g).sum()) > 0 for g in grads)
 
 
+def test_hard_labels_are_cross_entropy_to_the_teacher_argmax():
+  teacher = jnp.array([[[0.1, 0.7, 0.2], [0.5, 0.2, 0.3], [0.2, 0.2, 0.6]]])
+  q = jnp.array([[[0.2, 0.5, 0.3], [0.25, 0.25, 0.5], [0.5, 0.5, 0.0]]])
+  mask = jnp.ones((1, 3))
+  loss, acceptance = losses.divergence(teacher, jnp.log(q), mask, 0.0, hard_labels=True)
+  # Position 2's argmax (id 2) has q = 0: a reduced head cannot learn it, so it does not count.
+  assert float(loss) == pytest.approx(-(np.log(0.5) + np.log(0.25)) / 2, rel=1e-6)
+  soft_loss, soft_acceptance = losses.divergence(teacher, jnp.log(q), mask, 0.0)
+  assert float(acceptance) == pytest.approx(float(soft_acceptance))  # reported the same way
+  assert float(soft_loss) != pytest.approx(float(loss))
+  grads = jax.grad(lambda logits: losses.divergence(teacher, logits, mask, 0.0, True)[0])(
+      jnp.log(q))
+  assert bool(jnp.all(jnp.isfinite(grads)))
+
+
+def test_budget_weights_set_how_often_each_budget_is_drawn():
+  config = TrainConfig(workdir="unused", budgets=(128, 256, 512), num_views=1,
+                       budget_weights=(0.6, 0.4, 0.0))
+  drawn = np.concatenate([budgets.sample_budgets(config, step) for step in range(2000)])
+  assert 512 not in drawn
+  assert np.mean(drawn == 128) == pytest.approx(0.6, abs=0.04)
+  for weights in [(1.0, 1.0), (0.5, -0.1, 0.6), (0.0, 0.0, 0.0)]:
+    with pytest.raises(ValueError, match="one weight >= 0 per budget"):
+      TrainConfig(workdir="unused", budgets=(128, 256, 512), budget_weights=weights)
+
+
 def test_bad_budget_configs_fail_clearly():
   config = lambda **fields: TrainConfig(workdir="unused", **fields)
   with pytest.raises(ValueError, match="budget list is empty"):

@@ -51,8 +51,8 @@ def _full_decode_logits(config, params, tokens, features=None):
 
 
 @pytest.mark.parametrize("policy,eagle", [("snapkv", False), ("h2o", False),
-                                          ("streaming", False), ("snapkv", True),
-                                          ("h2o", True)])
+                                          ("streaming", False), ("chunk_retrieval", False),
+                                          ("snapkv", True), ("h2o", True)])
 def test_views_equal_inference_sparse_cache(tiny_model, policy, eagle):
   """Also for an EAGLE-style drafter, whose every pass takes feature inputs."""
   config, params = tiny_model
@@ -64,8 +64,8 @@ def test_views_equal_inference_sparse_cache(tiny_model, policy, eagle):
   tokens = jax.random.randint(jax.random.key(1), (2, PROMPT_LEN + NUM_NEW), 0, config.vocab_size)
   budget_list = (12, 24)
   # recent + gamma = 8 < NUM_NEW: the ring wraps, so the view's window rule is exercised.
-  sparsity = [selection.SparsityConfig(policy=policy, budget=b, sinks=2, window=4, recent=6)
-              for b in budget_list]
+  sparsity = [selection.SparsityConfig(policy=policy, budget=b, sinks=2, window=4, recent=6,
+                                       chunk=4) for b in budget_list]
   _, logits = views.all_branch_outputs(config, params, tokens, PROMPT_LEN, jnp.array(budget_list),
                                         sparsity[0], sparsity[0].ring_size(GAMMA),
                                         jax.random.key(0), features)
@@ -102,3 +102,39 @@ def test_view_gradients_match_finite_differences(tiny_model):
   finite_difference = (loss(shifted(1)) - loss(shifted(-1))) / (2 * step)
   analytic = sum(jnp.vdot(g, d) for g, d in zip(jax.tree.leaves(grads), jax.tree.leaves(direction)))
   assert float(analytic) == pytest.approx(float(finite_difference), rel=2e-2)
+
+
+def test_a_prefix_without_gradient_trains_only_through_the_continuation(tiny_model):
+  """prefix_gradient=False (the published recipe): the same outputs, and the gradient of a loss
+  whose prompt keys are constants (computed here by the differentiable pass, then frozen)."""
+  config, params = tiny_model
+  tokens = jax.random.randint(jax.random.key(5), (1, PROMPT_LEN + NUM_NEW), 0, config.vocab_size)
+  sparsity = selection.SparsityConfig(policy="chunk_retrieval", budget=None, sinks=0, window=0,
+                                      recent=6, chunk=4)
+  budgets = jnp.array([16])
+
+  def view_loss(params, prefix_gradient):
+    _, logits = views.all_branch_outputs(config, params, tokens, PROMPT_LEN, budgets, sparsity,
+                                         8, jax.random.key(0), prefix_gradient=prefix_gradient)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0]), logits
+
+  prompt, continuation = tokens[:, :PROMPT_LEN], tokens[:, PROMPT_LEN:]
+  frozen_cache = views.prompt_pass(config, params, prompt, tokens.shape[1])
+  keeps = views.keep_masks(config, params, frozen_cache, prompt, budgets, sparsity,
+                           jax.random.key(0))
+  keeps = jnp.concatenate([jnp.ones_like(keeps[:1]), keeps])
+
+  def frozen_prefix_loss(params):
+    _, logits = views.branch_outputs(config, params, frozen_cache, continuation, keeps, 8)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 0])
+
+  gradient = jax.jit(jax.grad(view_loss, has_aux=True), static_argnums=1)
+  no_prefix, no_prefix_logits = gradient(params, False)
+  full, full_logits = gradient(params, True)
+  np.testing.assert_allclose(no_prefix_logits, full_logits, atol=2e-4)
+  expected = jax.jit(jax.grad(frozen_prefix_loss))(params)
+  for got, want in zip(jax.tree.leaves(no_prefix), jax.tree.leaves(expected)):
+    np.testing.assert_allclose(got, want, atol=1e-5)
+  differences = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(no_prefix),
+                                                              jax.tree.leaves(full))]
+  assert max(differences) > 1e-4  # the prefix's gradient was really left out

@@ -6,6 +6,9 @@
 - h2o (H2O): attention mass accumulated over every prompt query (heavy hitters).
 - lookahead (SpecPrefill / Lookahead Q-Cache): attention mass from the queries of a few tokens the
   drafter itself generates after the prompt, a proxy of the queries decoding will actually issue.
+- chunk_retrieval (TriForce, BudgetDraft's published setting): chunks of `chunk` prompt positions,
+  scored per layer and KV head by the last prompt key (a proxy of the next query) . the chunk's
+  mean key; chunk 0 always kept. No forward pass: it reads the prefilled keys.
 - random: a control.
 Scores come from the drafter's own forward passes over its prefilled full cache (`key_scores`); an
 EAGLE-style drafter's passes also take its feature inputs over the prompt (`features`).
@@ -59,6 +62,33 @@ def streaming_scores(config, params, cache, prompt, prompt_lengths, sparsity, rn
 def random_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
   del config, params, prompt, prompt_lengths, sparsity, features
   return jax.random.uniform(rng, cache.k.shape[:3] + (cache.capacity,))
+
+
+def chunk_retrieval_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng,
+                           features=None):
+  """Every position gets its chunk's score (last key . chunk-mean key); chunk 0 gets +inf.
+
+  With whole chunks tied and ties going to the earlier position, `selection.keep_mask` then keeps
+  whole chunks, best first. The last, partial chunk of a prompt averages its valid keys only.
+  """
+  del config, params, prompt, rng, features
+  chunk = sparsity.chunk
+  layers, batch, kv_heads, capacity, head_dim = cache.k.shape
+  num_chunks = -(-capacity // chunk)
+  keys = cache.k.astype(jnp.float32)
+  valid = jnp.arange(capacity)[None, :] < prompt_lengths[:, None]  # [B, S]
+  keys = jnp.where(valid[None, :, None, :, None], keys, 0.0)
+  pad = [(0, 0)] * 3 + [(0, num_chunks * chunk - capacity), (0, 0)]
+  sums = jnp.pad(keys, pad).reshape(layers, batch, kv_heads, num_chunks, chunk, head_dim).sum(4)
+  counts = jnp.pad(valid, [(0, 0), (0, num_chunks * chunk - capacity)]).reshape(
+      batch, num_chunks, chunk).sum(-1)
+  means = sums / jnp.maximum(counts, 1)[None, :, None, :, None]
+  last = jnp.maximum(prompt_lengths - 1, 0)[None, :, None, None, None]
+  last_key = jnp.take_along_axis(keys, jnp.broadcast_to(last, keys.shape[:3] + (1, head_dim)),
+                                 axis=3)[:, :, :, 0]  # [L, B, Hkv, D]
+  scores = jnp.einsum("lbhd,lbhcd->lbhc", last_key, means)
+  scores = jnp.where(jnp.arange(num_chunks) == 0, jnp.inf, scores)
+  return jnp.repeat(scores, chunk, axis=-1)[..., :capacity]
 
 
 def snapkv_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
@@ -135,7 +165,8 @@ def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rn
 
 
 POLICIES = {"streaming": streaming_scores, "snapkv": snapkv_scores, "h2o": h2o_scores,
-            "lookahead": lookahead_scores, "random": random_scores}
+            "lookahead": lookahead_scores, "chunk_retrieval": chunk_retrieval_scores,
+            "random": random_scores}
 
 
 def policy_scores(config: ModelConfig, params, cache: FullKVCache, prompt, prompt_lengths,

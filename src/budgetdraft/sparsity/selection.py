@@ -32,13 +32,14 @@ class SparsityConfig:
   pool: int = 7           # SnapKV: average-pooling width over key positions
   lookahead: int = 8      # lookahead: tokens the drafter generates to vote (SpecPrefill-style)
   score_chunk: int = 512  # H2O: queries per scoring chunk
+  chunk: int = 8          # chunk_retrieval: positions per retrieved chunk (budgets are multiples)
 
   def __post_init__(self):
     if self.policy not in policies.POLICIES:
       raise ValueError(f"unknown KV policy {self.policy!r}; valid: {sorted(policies.POLICIES)}")
     if min(self.sinks, self.window) < 0:
       raise ValueError(f"sinks={self.sinks} and window={self.window} must be >= 0")
-    for name in ("recent", "observation", "pool", "lookahead", "score_chunk"):
+    for name in ("recent", "observation", "pool", "lookahead", "score_chunk", "chunk"):
       if getattr(self, name) < 1:
         raise ValueError(f"{name}={getattr(self, name)} must be >= 1")
     if self.budget is not None:
@@ -48,6 +49,9 @@ class SparsityConfig:
     if budget < self.sinks + self.window:
       raise ValueError(f"budget={budget} is below sinks + window = {self.sinks} + "
                        f"{self.window}; raise the budget or shrink them")
+    if self.policy == "chunk_retrieval" and (budget < self.chunk or budget % self.chunk):
+      raise ValueError(f"budget={budget} is not a positive multiple of chunk={self.chunk}: "
+                       "chunk_retrieval keeps whole chunks")
 
   def ring_size(self, gamma: int) -> int:
     """Ring slots for tokens after the prompt: `recent` committed ones + gamma drafts in flight."""

@@ -60,11 +60,16 @@ class TrainConfig:
   warmup_steps: int = 10
   weight_decay: float = 0.0
   grad_clip: float = 1.0
+  final_lr_fraction: float = 0.1   # the cosine schedule ends at this share of learning_rate
   kl_weight: float = 0.5           # forward-KL share of the divergence (gradient early on)
+  targets: str = "soft"            # "soft": rejection + kl_weight KL against the teacher's top-k
+                                   # law; "argmax": cross-entropy to its argmax (published recipe)
+  prefix_gradient: bool = True     # False: the prompt's keys are prefilled without gradient
 
   sparsity: SparsityConfig = SparsityConfig(budget=None)  # the inference selection of the views
   gamma: int = 4                   # views see the last recent + gamma tokens, like the ring
   budgets: tuple[int, ...] = (128, 256, 512)
+  budget_weights: tuple[float, ...] = ()  # sampling weights of `budgets`; () = uniform
   num_views: int = 2               # M budgets sampled per step (0 = the full branch alone)
   sparse_weight: float = 1.0       # lambda in L_full + lambda * mean_B L_sparse(B)
 
@@ -91,6 +96,14 @@ class TrainConfig:
       raise ValueError(f"num_sequences={self.num_sequences} must be >= 0")
     if self.num_views < 0:
       raise ValueError(f"num_views={self.num_views} must be >= 0")
+    if self.targets not in ("soft", "argmax"):
+      raise ValueError(f"targets={self.targets!r}; valid: 'soft', 'argmax'")
+    if not 0.0 <= self.final_lr_fraction <= 1.0:
+      raise ValueError(f"final_lr_fraction={self.final_lr_fraction} must be in [0, 1]")
+    if self.budget_weights and (len(self.budget_weights) != len(self.budgets) or
+                                min(self.budget_weights) < 0 or sum(self.budget_weights) <= 0):
+      raise ValueError(f"budget_weights={self.budget_weights} must give one weight >= 0 per "
+                       f"budget in {self.budgets}, not all zero")
     if self.num_views:
       if not self.budgets:
         raise ValueError("the budget list is empty; give at least one budget")
@@ -112,6 +125,7 @@ class TrainConfig:
     values["sparsity"] = SparsityConfig(budget=None, **values.get("sparsity", {}))
     values["teacher"] = TeacherConfig(**values.get("teacher", {}))
     values["budgets"] = tuple(values.get("budgets", cls.budgets))
+    values["budget_weights"] = tuple(values.get("budget_weights", cls.budget_weights))
     return cls(**values)
 
   def recipe(self) -> dict:

@@ -6,6 +6,8 @@
 - multi-view loss (sparse-cache branch): the same divergence for each sampled budget's view,
   averaged over views;
 - total = L_full + lambda * mean_B L_sparse(B);
+- the published recipe's hard labels instead (`hard_labels`): cross-entropy to the teacher's argmax
+  token in place of the divergence, on every branch;
 - an EAGLE-style drafter adds a smooth-L1 regression of its hidden states on the verifier's
   (`feature_regression`), weighted the same way across branches.
 A drafter with a reduced vocabulary has log q = -inf outside its ids: the teacher's mass there is a
@@ -41,29 +43,44 @@ def feature_regression(hidden, target, mask):
   return jnp.sum(per_position * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def divergence(teacher_probs, draft_logits, mask, kl_weight: float):
-  """(masked mean of expected rejection + kl_weight * forward KL, acceptance = 1 - mean rejection)."""
+def argmax_log_prob(teacher_probs, draft_log_probs):
+  """[...]: log q(argmax p), the hard-label target's log-likelihood (-inf where q cannot score
+  it)."""
+  target = jnp.argmax(teacher_probs, axis=-1)[..., None]
+  return jnp.take_along_axis(draft_log_probs, target, axis=-1)[..., 0]
+
+
+def divergence(teacher_probs, draft_logits, mask, kl_weight: float, hard_labels: bool = False):
+  """(loss, acceptance = 1 - masked mean rejection). loss: the masked mean of expected rejection +
+  kl_weight * forward KL, or with hard_labels the cross-entropy to the teacher's argmax over the
+  positions whose argmax the drafter can score (a reduced head cannot learn the others)."""
   draft_log_probs = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
   rejection = expected_rejection(teacher_probs, draft_log_probs)
-  per_position = rejection
-  if kl_weight:
-    per_position = per_position + kl_weight * forward_kl(teacher_probs, draft_log_probs)
   mask = mask.astype(jnp.float32)
-  mean = lambda x: jnp.sum(x * mask) / jnp.maximum(jnp.sum(mask), 1.0)
-  return mean(per_position), 1.0 - mean(rejection)
+  mean = lambda x, m=mask: jnp.sum(x * m) / jnp.maximum(jnp.sum(m), 1.0)
+  if hard_labels:
+    log_q = argmax_log_prob(teacher_probs, draft_log_probs)
+    scorable = jnp.isfinite(log_q)
+    loss = mean(jnp.where(scorable, -log_q, 0.0), mask * scorable)
+  else:
+    per_position = rejection
+    if kl_weight:
+      per_position = per_position + kl_weight * forward_kl(teacher_probs, draft_log_probs)
+    loss = mean(per_position)
+  return loss, 1.0 - mean(rejection)
 
 
 def budgetdraft_loss(teacher_probs, full_logits, view_logits, mask, *, sparse_weight: float,
-                     kl_weight: float = 0.0):
+                     kl_weight: float = 0.0, hard_labels: bool = False):
   """(total, parts) with parts = {"full": L_full, "sparse": mean_B L_sparse(B), "per_view": [M],
   "acceptance_full": scalar, "acceptance_views": [M]}; acceptance = expected token-wise acceptance.
 
   teacher_probs: [B, T, V]; full_logits: [B, T, V]; view_logits: [M, B, T, V] (M budgets, M = 0
   trains the full branch alone: naive distillation).
   """
-  full, acceptance_full = divergence(teacher_probs, full_logits, mask, kl_weight)
+  full, acceptance_full = divergence(teacher_probs, full_logits, mask, kl_weight, hard_labels)
   per_view, acceptance_views = jax.vmap(
-      lambda logits: divergence(teacher_probs, logits, mask, kl_weight))(view_logits)
+      lambda logits: divergence(teacher_probs, logits, mask, kl_weight, hard_labels))(view_logits)
   sparse = jnp.mean(per_view) if view_logits.shape[0] else jnp.zeros(())
   return full + sparse_weight * sparse, {
       "full": full, "sparse": sparse, "per_view": per_view, "acceptance_full": acceptance_full,

@@ -27,10 +27,11 @@ class TrainState:
 
 
 def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
-  """AdamW with linear warmup then cosine decay to 10%, after global-norm clipping."""
+  """AdamW with linear warmup then cosine decay to `final_lr_fraction`, after global-norm
+  clipping."""
   schedule = optax.warmup_cosine_decay_schedule(
       0.0, config.learning_rate, config.warmup_steps, max(config.steps, config.warmup_steps + 1),
-      end_value=0.1 * config.learning_rate)
+      end_value=config.final_lr_fraction * config.learning_rate)
   return optax.chain(optax.clip_by_global_norm(config.grad_clip),
                      optax.adamw(schedule, weight_decay=config.weight_decay))
 
@@ -46,12 +47,14 @@ def make_train_step(model_config: ModelConfig, config: TrainConfig,
     features = None if verifier_hidden is None else prefill.feature_inputs(verifier_hidden)
     hidden, logits = views.all_branch_outputs(model_config, {**shared, **trainable}, tokens,
                                               config.prompt_len, budgets, config.sparsity,
-                                              config.ring_size, rng, features)
+                                              config.ring_size, rng, features,
+                                              prefix_gradient=config.prefix_gradient)
     teacher = teacher_lib.dense_probs(teacher_ids, teacher_probs, model_config.vocab_size)
     mask = jnp.ones(teacher.shape[:-1])
     total, parts = losses.budgetdraft_loss(teacher, logits[0], logits[1:], mask,
                                            sparse_weight=sparse_weight,
-                                           kl_weight=config.kl_weight)
+                                           kl_weight=config.kl_weight,
+                                           hard_labels=config.targets == "argmax")
     if config.feature_weight:
       target = verifier_hidden[:, config.prompt_len:]
       per_branch = jax.vmap(lambda h: losses.feature_regression(h, target, mask))(hidden)

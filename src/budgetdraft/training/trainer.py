@@ -144,10 +144,13 @@ def _claim_workdir(config: TrainConfig, verifier: dict) -> None:
         stored = json.load(f)
     except (OSError, json.JSONDecodeError) as e:
       raise ValueError(f"{record_path} is unreadable ({e}); restore it or use a new workdir") from e
-    changed = sorted(key for key in recipe.keys() | stored["recipe"].keys()
-                     if recipe.get(key) != stored["recipe"].get(key))
+    # A record written before a field existed holds that field's default.
+    defaults = json.loads(json.dumps(TrainConfig(workdir=workdir).recipe()))
+    stored_recipe = {**defaults, **stored["recipe"]}
+    changed = sorted(key for key in recipe.keys() | stored_recipe.keys()
+                     if recipe.get(key) != stored_recipe.get(key))
     if changed:
-      listing = ", ".join(f"{key} {stored['recipe'].get(key)!r} -> {recipe.get(key)!r}"
+      listing = ", ".join(f"{key} {stored_recipe.get(key)!r} -> {recipe.get(key)!r}"
                           for key in changed)
       if not config.allow_config_change:
         raise ValueError(f"{workdir} holds a run with another config ({listing}); rerun with its "

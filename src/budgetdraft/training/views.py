@@ -8,13 +8,16 @@ budget keeps, per layer and KV head, what the inference rule `selection.keep_mas
 C continuation tokens then run once per branch against the shared prompt keys: the full branch sees
 every key, a view at budget B sees its kept keys + the last `ring_size` tokens since P, which is
 what a `SparseKVCache` compressed at P would show (`MaskedKVCache`). Gradients reach the prompt
-pass through the kept keys and values. An EAGLE-style drafter takes `features` [B, P + C, F] (its
-feature inputs, `prefill.feature_inputs` of the verifier's hidden states) in every pass.
+pass through the kept keys and values, unless `prefix_gradient=False` (the published recipe): the
+prompt is then prefilled without gradient in chunks, so long prefixes (16K) fit in memory. An
+EAGLE-style drafter takes `features` [B, P + C, F] (its feature inputs, `prefill.feature_inputs`
+of the verifier's hidden states) in every pass.
 """
 
 import jax
 import jax.numpy as jnp
 
+from budgetdraft.models import prefill
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache, MaskedKVCache
 from budgetdraft.models.transformer import Transformer
@@ -25,10 +28,19 @@ def _positions(batch: int, start: int, count: int):
   return jnp.broadcast_to(start + jnp.arange(count), (batch, count))
 
 
-def prompt_pass(config: ModelConfig, params, prompt, capacity: int, features=None) -> FullKVCache:
-  """Keys and values of the prompt [B, P] (full causal attention, differentiable)."""
+def prompt_pass(config: ModelConfig, params, prompt, capacity: int, features=None,
+                gradient: bool = True) -> FullKVCache:
+  """Keys and values of the prompt [B, P] (full causal attention; differentiable if `gradient`,
+  else a chunked prefill of constant parameters)."""
   batch, prompt_len = prompt.shape
   cache = FullKVCache.init(config, batch, capacity)
+  if not gradient:
+    frozen = jax.lax.stop_gradient
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+    _, cache = prefill.prefill(Transformer(config), frozen(params), prompt, lengths, cache,
+                               min(prompt_len, config.attention_block),
+                               features=None if features is None else frozen(features))
+    return frozen(cache)
   keep_all = jnp.ones(cache.k.shape[:4], bool)
   view = MaskedKVCache(cache, keep_all, jnp.zeros((batch,), jnp.int32))
   _, view = Transformer(config).apply({"params": params}, prompt,
@@ -67,13 +79,14 @@ def branch_outputs(config: ModelConfig, params, cache: FullKVCache, continuation
 
 
 def all_branch_outputs(config: ModelConfig, params, tokens, prompt_len: int, budgets,
-                       sparsity: selection.SparsityConfig, ring_size: int, rng, features=None):
+                       sparsity: selection.SparsityConfig, ring_size: int, rng, features=None,
+                       prefix_gradient: bool = True):
   """(hidden [1 + M, B, C, dim], logits [1 + M, B, C, V]) of the continuation tokens[:, P:]: the
   full branch, then M views."""
   prompt, continuation = tokens[:, :prompt_len], tokens[:, prompt_len:]
   prompt_features, continuation_features = (
       (None, None) if features is None else (features[:, :prompt_len], features[:, prompt_len:]))
-  cache = prompt_pass(config, params, prompt, tokens.shape[1], prompt_features)
+  cache = prompt_pass(config, params, prompt, tokens.shape[1], prompt_features, prefix_gradient)
   keep_all = jnp.ones((1,) + cache.k.shape[:4], bool)
   if budgets.shape[0]:
     keeps = keep_masks(config, params, cache, prompt, budgets, sparsity, rng, prompt_features)
