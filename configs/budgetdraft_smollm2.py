@@ -64,6 +64,7 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
   config.log_every = 10
   config.checkpoint_every = 20
   config.allow_config_change = False  # resume a workdir under a changed recipe (logged)
+  config.mesh = ""                # "data=4,model=2"; "" = every device on data (if several)
 
   if variant == "naive":
     config.num_views = 0

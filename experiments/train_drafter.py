@@ -9,12 +9,17 @@ Training sequences are non-overlapping (prompt_len + continuation)-token sequenc
 train split, shuffled by the seed. Progress goes to the log, per-step metrics to
 <workdir>/metrics.jsonl and TensorBoard (<workdir>/tensorboard), checkpoints to
 <workdir>/checkpoints, the trained drafter to <workdir>/drafter (use it as `trained:<workdir>`).
+With several devices, the run is sharded on `--config.mesh` (default: every device on `data`):
+the batch over `data`, parameters and optimizer state FSDP-sharded; checkpoints restore onto
+any mesh.
 """
 
 from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 import numpy as np
 
+from budgetdraft import parallel
 from budgetdraft.data import packing
 from budgetdraft.models import checkpoint_io
 from budgetdraft.training import trainer
@@ -35,8 +40,11 @@ def main(argv):
   logging.info("%d training sequences of %d tokens; %d steps x batch %d cycle through %d of them",
                len(sequences), sequences.shape[1], config.steps, config.batch_size,
                config.sequences_used(len(sequences)))
+  mesh = parallel.make_mesh(config.mesh) if config.mesh or jax.device_count() > 1 else None
+  if mesh is not None:
+    logging.info("training on mesh %s", dict(mesh.shape))
   trainer.train(config, verifier.config, verifier.params, sequences, verifier_name=verifier.name,
-                stop_after=_STOP_AFTER.value)
+                stop_after=_STOP_AFTER.value, mesh=mesh)
 
 
 if __name__ == "__main__":

@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import interpret_mode
+from pallas_kernels.backend import choose
 
 _MASKED = -1e30
 
@@ -87,6 +87,93 @@ def _kernel(table_ref, count_ref, q_ref, query_pos_ref, k_ref, v_ref, keep_ref, 
   lse_ref[0, 0, 0] = running_max + jnp.log(safe)
 
 
+def _mosaic_kernel(table_ref, count_ref, q_ref, query_pos_ref, k_ref, v_ref, keep_ref, out_ref,
+                   lse_ref, max_ref, denom_ref, acc_ref, *, block_k, num_q_blocks, max_blocks):
+  """One (batch, KV head, query block, table slot j) grid point: the index maps fetched the
+  slot's KV block (scalar-prefetched table); the online softmax lives in scratch across j."""
+  b, h, i, j = (pl.program_id(axis) for axis in range(4))
+  row = (b * pl.num_programs(1) + h) * num_q_blocks + i
+
+  @pl.when(j == 0)
+  def _():
+    max_ref[...] = jnp.full(max_ref.shape, _MASKED, jnp.float32)
+    denom_ref[...] = jnp.zeros(denom_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  @pl.when(j < count_ref[row])
+  def _():
+    queries = q_ref[0, 0, 0].astype(jnp.float32) * q_ref.shape[-1] ** -0.5   # [R, D]
+    query_pos = query_pos_ref[0, 0, 0, 0]                                      # [R]
+    start = table_ref[row * max_blocks + j] * block_k
+    keys = k_ref[0, 0].astype(jnp.float32)                                     # [BK, D]
+    values = v_ref[0, 0].astype(jnp.float32)
+    keep = keep_ref[0, 0, 0]                                                   # [1, BK]
+    key_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
+    visible = (keep > 0) & (key_pos <= query_pos[:, None])
+    scores = jax.lax.dot_general(queries, keys, (((1,), (1,)), ((), ())))
+    scores = jnp.where(visible, scores, _MASKED)
+    running_max = max_ref[...]                                                  # [R, 1]
+    new_max = jnp.maximum(running_max, scores.max(axis=1, keepdims=True))
+    weights = jnp.where(visible, jnp.exp(scores - new_max), 0.0)
+    rescale = jnp.exp(running_max - new_max)
+    max_ref[...] = new_max
+    denom_ref[...] = denom_ref[...] * rescale + weights.sum(axis=1, keepdims=True)
+    acc_ref[...] = acc_ref[...] * rescale + jnp.dot(weights, values)
+
+  @pl.when(j == max_blocks - 1)
+  def _():
+    safe = jnp.maximum(denom_ref[...], 1e-30)
+    out_ref[0, 0, 0] = (acc_ref[...] / safe).astype(out_ref.dtype)
+    lse_ref[0, 0, 0, 0] = (max_ref[...] + jnp.log(safe))[:, 0]
+
+
+def _mosaic_forward(q_blocks, pos_blocks, k, v, key_keep, block_table, block_counts, block_k,
+                    interpret):
+  """The TPU layout of `_forward`'s call: the table slot is a grid axis and the table and counts
+  are scalar-prefetched, so each step's index map DMAs exactly one listed KV block (slots past a
+  row's count repeat its last block, which the pipeline does not fetch again)."""
+  from jax.experimental.pallas import tpu as pltpu  # Mosaic only; importable on every backend
+
+  batch, num_kv_heads, num_q_blocks, rows, head_dim = q_blocks.shape
+  num_keys, max_blocks = k.shape[2], block_table.shape[-1]
+  table, counts = block_table.reshape(-1), block_counts.reshape(-1)
+
+  def kv_block(b, h, i, j, table, counts):
+    row = (b * num_kv_heads + h) * num_q_blocks + i
+    slot = jnp.maximum(jnp.minimum(j, counts[row] - 1), 0)
+    return table[row * max_blocks + slot]
+
+  grid_spec = pltpu.PrefetchScalarGridSpec(
+      num_scalar_prefetch=2,
+      grid=(batch, num_kv_heads, num_q_blocks, max_blocks),
+      in_specs=[
+          pl.BlockSpec((1, 1, 1, rows, head_dim), lambda b, h, i, j, *_: (b, h, i, 0, 0)),
+          pl.BlockSpec((1, 1, 1, 1, rows), lambda b, h, i, j, *_: (b, 0, i, 0, 0)),
+          pl.BlockSpec((1, 1, block_k, head_dim),
+                       lambda b, h, i, j, *t: (b, h, kv_block(b, h, i, j, *t), 0)),
+          pl.BlockSpec((1, 1, block_k, head_dim),
+                       lambda b, h, i, j, *t: (b, h, kv_block(b, h, i, j, *t), 0)),
+          pl.BlockSpec((1, 1, 1, 1, block_k),
+                       lambda b, h, i, j, *t: (b, h, kv_block(b, h, i, j, *t), 0, 0)),
+      ],
+      out_specs=[pl.BlockSpec((1, 1, 1, rows, head_dim), lambda b, h, i, j, *_: (b, h, i, 0, 0)),
+                 pl.BlockSpec((1, 1, 1, 1, rows), lambda b, h, i, j, *_: (b, h, i, 0, 0))],
+      scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                      pltpu.VMEM((rows, head_dim), jnp.float32)])
+  # (1, block_k) and (1, rows) as the last two block dims: the full extent of a size-1 axis and a
+  # lane-dim block, the shapes Mosaic tiles.
+  keep_blocks = key_keep.reshape(batch, num_kv_heads, num_keys // block_k, 1, block_k)
+  out, lse = pl.pallas_call(
+      functools.partial(_mosaic_kernel, block_k=block_k, num_q_blocks=num_q_blocks,
+                        max_blocks=max_blocks),
+      grid_spec=grid_spec,
+      out_shape=[jax.ShapeDtypeStruct(q_blocks.shape, q_blocks.dtype),
+                 jax.ShapeDtypeStruct((batch, num_kv_heads, num_q_blocks, 1, rows), jnp.float32)],
+      interpret=pltpu.InterpretParams() if interpret else False,
+  )(table, counts, q_blocks, pos_blocks[:, :, :, None], k, v, keep_blocks)
+  return out, lse[:, :, :, 0]
+
+
 def _grouped(q, query_positions, num_kv_heads, block_q):
   """q [B, Tq, H, D] -> [B, Hkv, NQB, R = G * block_q, D] (rows ordered (g, t)); positions alike."""
   batch, num_q, num_heads, head_dim = q.shape
@@ -107,10 +194,14 @@ def _ungrouped(blocks, num_heads, block_q):
 
 
 def _forward(q, k, v, query_positions, key_keep, block_table, block_counts, block_q, block_k,
-             interpret):
+             variant, interpret):
   batch, num_q, num_heads, head_dim = q.shape
   num_kv_heads, num_keys = k.shape[1], k.shape[2]
   q_blocks, pos_blocks = _grouped(q, query_positions, num_kv_heads, block_q)
+  if variant == "mosaic":
+    out, lse = _mosaic_forward(q_blocks, pos_blocks, k, v, key_keep, block_table, block_counts,
+                               block_k, interpret)
+    return _ungrouped(out, num_heads, block_q), lse
   num_q_blocks, rows = q_blocks.shape[2], q_blocks.shape[3]
   max_blocks = block_table.shape[-1]
   out, lse = pl.pallas_call(
@@ -172,22 +263,22 @@ def _backward(q, k, v, query_positions, key_keep, block_table, block_counts, out
       v.dtype)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(7, 8, 9, 10))
 def _attention(q, k, v, query_positions, key_keep, block_table, block_counts, block_q, block_k,
-               interpret):
+               variant, interpret):
   return _forward(q, k, v, query_positions, key_keep, block_table, block_counts, block_q,
-                  block_k, interpret)[0]
+                  block_k, variant, interpret)[0]
 
 
 def _attention_fwd(q, k, v, query_positions, key_keep, block_table, block_counts, block_q,
-                   block_k, interpret):
+                   block_k, variant, interpret):
   out, lse = _forward(q, k, v, query_positions, key_keep, block_table, block_counts, block_q,
-                      block_k, interpret)
+                      block_k, variant, interpret)
   return out, (q, k, v, query_positions, key_keep, block_table, block_counts, out, lse)
 
 
-def _attention_bwd(block_q, block_k, interpret, residuals, d_out):
-  del interpret
+def _attention_bwd(block_q, block_k, variant, interpret, residuals, d_out):
+  del variant, interpret
   q, k, v, query_positions, key_keep, block_table, block_counts, out, lse = residuals
   d_q, d_k, d_v = _backward(q, k, v, query_positions, key_keep, block_table, block_counts, out,
                             lse, d_out, block_q, block_k)
@@ -199,14 +290,16 @@ def _attention_bwd(block_q, block_k, interpret, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "variant", "interpret"))
 def block_sparse_attention(q, k, v, query_positions, key_keep, block_table, block_counts, *,
-                           block_q: int, block_k: int, interpret: bool | None = None):
+                           block_q: int, block_k: int, variant: str | None = None,
+                           interpret: bool | None = None):
   """Pallas version of `block_sparse_attention_reference` (same signature), differentiable in
-  q, k, v. Tq must be a multiple of block_q and S of block_k."""
+  q, k, v. Tq must be a multiple of block_q and S of block_k. variant / interpret: see
+  `backend.choose` (None = this backend's)."""
   if q.shape[1] % block_q or k.shape[2] % block_k:
     raise ValueError(f"Tq={q.shape[1]} / S={k.shape[2]} must be multiples of block_q={block_q} / "
                      f"block_k={block_k}")
+  variant, interpret = choose(variant, interpret)
   return _attention(q, k, v, query_positions, key_keep.astype(jnp.int32), block_table,
-                    block_counts, block_q, block_k,
-                    interpret_mode() if interpret is None else interpret)
+                    block_counts, block_q, block_k, variant, interpret)

@@ -5,8 +5,10 @@ C cache slots whose original token positions are `key_positions` (-1 = empty slo
 to a query iff 0 <= key position <= query position, so kept keys at arbitrary positions, the ring
 and the chunk itself need no other mask. GQA: the G query heads of a KV head share one program.
 
-Kernel layout: grid (batch, kv_heads); each program holds its [G*T, D] queries and walks the KV slots
-in blocks with an online softmax (an in-kernel loop, the style Triton and Mosaic both lower).
+Two layouts (`backend.choose`): "triton", grid (batch, kv_heads), each program holds its [G*T, D]
+queries and walks the KV slots in blocks with an online softmax (an in-kernel loop); "mosaic"
+(TPU), grid (batch, kv_heads, KV blocks), each step gets one KV block from its index map (so the
+next block's DMA overlaps this one's compute) and carries the softmax in VMEM scratch.
 """
 
 import functools
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
-from pallas_kernels.backend import interpret_mode
+from pallas_kernels.backend import choose
 
 _MASKED = -1e30
 
@@ -65,14 +67,73 @@ def _kernel(q_ref, k_ref, v_ref, key_pos_ref, query_pos_ref, out_ref, *, block):
   out_ref[0, 0] = (acc / jnp.maximum(denom, 1e-30)[:, None]).astype(out_ref.dtype)
 
 
-@functools.partial(jax.jit, static_argnames=("block", "interpret"))
+def _mosaic_kernel(q_ref, query_pos_ref, k_ref, v_ref, key_pos_ref, out_ref, max_ref, denom_ref,
+                   acc_ref):
+  j = pl.program_id(2)
+
+  @pl.when(j == 0)
+  def _():
+    max_ref[...] = jnp.full(max_ref.shape, _MASKED, jnp.float32)
+    denom_ref[...] = jnp.zeros(denom_ref.shape, jnp.float32)
+    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+
+  queries = q_ref[0, 0].astype(jnp.float32) * q_ref.shape[-1] ** -0.5      # [GT, D]
+  query_pos = query_pos_ref[0, 0, 0]                                       # [GT]
+  keys = k_ref[0, 0].astype(jnp.float32)                                   # [BK, D]
+  values = v_ref[0, 0].astype(jnp.float32)
+  key_pos = key_pos_ref[0, 0, 0]                                           # [1, BK]
+  scores = jax.lax.dot_general(queries, keys, (((1,), (1,)), ((), ())))   # [GT, BK]
+  visible = (key_pos >= 0) & (key_pos <= query_pos[:, None])
+  scores = jnp.where(visible, scores, _MASKED)
+  running_max = max_ref[...]                                                # [GT, 1]
+  new_max = jnp.maximum(running_max, scores.max(axis=1, keepdims=True))
+  weights = jnp.where(visible, jnp.exp(scores - new_max), 0.0)
+  rescale = jnp.exp(running_max - new_max)
+  max_ref[...] = new_max
+  denom_ref[...] = denom_ref[...] * rescale + weights.sum(axis=1, keepdims=True)
+  acc_ref[...] = acc_ref[...] * rescale + jnp.dot(weights, values)
+
+  @pl.when(j == pl.num_programs(2) - 1)
+  def _():
+    out_ref[0, 0] = (acc_ref[...] / jnp.maximum(denom_ref[...], 1e-30)).astype(out_ref.dtype)
+
+
+def _mosaic_call(q_grouped, k, v, key_positions, query_rows, block, interpret):
+  """The TPU layout: KV blocks as the last grid axis ((1, block) key-position blocks: the full
+  extent of a size-1 axis and a lane-dim block, which Mosaic tiles)."""
+  from jax.experimental.pallas import tpu as pltpu  # Mosaic only; importable on every backend
+
+  batch, num_kv_heads, rows, head_dim = q_grouped.shape
+  num_blocks = k.shape[2] // block
+  return pl.pallas_call(
+      _mosaic_kernel,
+      grid=(batch, num_kv_heads, num_blocks),
+      in_specs=[
+          pl.BlockSpec((1, 1, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
+          pl.BlockSpec((1, 1, 1, rows), lambda b, h, j: (b, 0, 0, 0)),
+          pl.BlockSpec((1, 1, block, head_dim), lambda b, h, j: (b, h, j, 0)),
+          pl.BlockSpec((1, 1, block, head_dim), lambda b, h, j: (b, h, j, 0)),
+          pl.BlockSpec((1, 1, 1, 1, block), lambda b, h, j: (b, h, j, 0, 0)),
+      ],
+      out_specs=pl.BlockSpec((1, 1, rows, head_dim), lambda b, h, j: (b, h, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct(q_grouped.shape, q_grouped.dtype),
+      scratch_shapes=[pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32),
+                      pltpu.VMEM((rows, head_dim), jnp.float32)],
+      interpret=pltpu.InterpretParams() if interpret else False,
+  )(q_grouped, query_rows[:, :, None], k, v,
+    key_positions.reshape(batch, num_kv_heads, num_blocks, 1, block))
+
+
+@functools.partial(jax.jit, static_argnames=("block", "variant", "interpret"))
 def sparse_decode_attention(q, k, v, key_positions, query_positions, *, block: int = 128,
-                            interpret: bool | None = None):
+                            variant: str | None = None, interpret: bool | None = None):
   """Pallas version of `sparse_decode_attention_reference` (same signature and result).
 
   C is padded to a multiple of `block` with empty slots. A query that sees no key returns zeros
-  (the reference returns the mean of nothing too, as zeros).
+  (the reference returns the mean of nothing too, as zeros). variant / interpret: see
+  `backend.choose` (None = this backend's).
   """
+  variant, interpret = choose(variant, interpret)
   batch, num_new, num_heads, head_dim = q.shape
   num_kv_heads, capacity = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
@@ -86,6 +147,10 @@ def sparse_decode_attention(q, k, v, key_positions, query_positions, *, block: i
   q_grouped = q.reshape(batch, num_new, num_kv_heads, group, head_dim).transpose(0, 2, 3, 1, 4)
   q_grouped = q_grouped.reshape(batch, num_kv_heads, rows, head_dim)
   query_rows = jnp.tile(query_positions, (1, group)).reshape(batch, 1, rows)
+  if variant == "mosaic":
+    out = _mosaic_call(q_grouped, k, v, key_positions, query_rows, block, interpret)
+    out = out.reshape(batch, num_kv_heads, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
+    return out.reshape(batch, num_new, num_heads, head_dim)
   kernel = functools.partial(_kernel, block=block)
   out = pl.pallas_call(
       kernel,
@@ -99,7 +164,7 @@ def sparse_decode_attention(q, k, v, key_positions, query_positions, *, block: i
       ],
       out_specs=pl.BlockSpec((1, 1, rows, head_dim), lambda b, h: (b, h, 0, 0)),
       out_shape=jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), q.dtype),
-      interpret=interpret_mode() if interpret is None else interpret,
+      interpret=interpret,
   )(q_grouped, k, v, key_positions, query_rows)
   out = out.reshape(batch, num_kv_heads, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, num_new, num_heads, head_dim)

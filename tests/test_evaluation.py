@@ -11,7 +11,8 @@ import pytest
 from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
-from budgetdraft.evaluation import decode_speed, repetition, results, rule_efficiency, speedup
+from budgetdraft.evaluation import (decode_speed, kernel_speed, repetition, results,
+                                    rule_efficiency, speedup)
 from budgetdraft.models.checkpoint_io import Checkpoint
 from tests.test_speculative import TINY_SPARSITY, tiny_pair  # noqa: F401 (fixture)
 
@@ -79,6 +80,13 @@ def test_repetition_measures_on_hand_made_text():
   # The continuation copies itself: the first token has no 2-gram, (7 8) and (8 7) are new, the
   # three after them repeat.
   assert repetition.copy_share([], [7, 8, 7, 8, 7, 8], n=2) == pytest.approx(3 / 6)
+
+
+def test_the_kernel_bench_on_cpu_certifies_errors_and_reports_no_bandwidth():
+  (row,) = kernel_speed.kernel_speed(["smollm2"], [256], [128], queries=4, block=64,
+                                     bandwidth=1e10)
+  assert row["kernels"] == "triton (interpret)" and row["max abs err"] < 1e-4
+  assert row["compact BW share"] == row["gather BW share"] == "n/a (interpret)"
 
 
 def test_the_verify_loop_repeats_one_verify_step(tiny_verifier):

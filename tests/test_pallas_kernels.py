@@ -1,4 +1,6 @@
-"""Pallas kernels against their pure-jnp references (interpret mode on CPU), fresh random inputs."""
+"""Pallas kernels against their pure-jnp references, fresh random inputs: both layouts of each
+kernel, the triton one in the generic interpreter and the mosaic (TPU) one in the TPU interpreter,
+which simulates TPU memory spaces and the DMAs that the index maps issue."""
 
 import jax
 import jax.numpy as jnp
@@ -7,6 +9,10 @@ import pytest
 
 from pallas_kernels import (block_sparse_attention, block_sparse_attention_reference,
                             sparse_decode_attention, sparse_decode_attention_reference)
+from pallas_kernels import backend
+
+VARIANTS = [dict(variant="triton", interpret=True), dict(variant="mosaic", interpret=True)]
+VARIANT_IDS = ["triton", "mosaic"]
 
 # Max abs error bound per dtype (outputs are O(1): averages of N(0, 1) values).
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
@@ -36,12 +42,13 @@ def _decode_inputs(seed, batch, num_new, num_heads, num_kv_heads, head_dim, capa
     (1, 4, 2, 1, 128, 512, 0.9, 128),   # large head_dim, MQA
 ])
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("kernel", VARIANTS, ids=VARIANT_IDS)
 def test_sparse_decode_attention_matches_reference(batch, num_new, num_heads, num_kv_heads,
-                                                   head_dim, capacity, fill, block, dtype):
+                                                   head_dim, capacity, fill, block, dtype, kernel):
   args = _decode_inputs(capacity + num_new, batch, num_new, num_heads, num_kv_heads, head_dim,
                         capacity, fill, dtype)
   expected = sparse_decode_attention_reference(*args)
-  actual = sparse_decode_attention(*args, block=block)
+  actual = sparse_decode_attention(*args, block=block, **kernel)
   assert actual.shape == expected.shape and actual.dtype == dtype
   np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
                              atol=TOLERANCE[dtype])
@@ -77,32 +84,45 @@ BLOCK_SPARSE_CASES = [
 
 @pytest.mark.parametrize("case", BLOCK_SPARSE_CASES)
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-def test_block_sparse_attention_matches_reference(case, dtype):
+@pytest.mark.parametrize("kernel", VARIANTS, ids=VARIANT_IDS)
+def test_block_sparse_attention_matches_reference(case, dtype, kernel):
   *shape, block_q, block_k, max_blocks, keep_prob, offset = case
   args = _block_sparse_inputs(sum(shape), *shape, block_q, block_k, max_blocks, keep_prob, offset,
                               dtype)
   static = dict(block_q=block_q, block_k=block_k)
   expected = block_sparse_attention_reference(*args, **static)
-  actual = block_sparse_attention(*args, **static)
+  actual = block_sparse_attention(*args, **static, **kernel)
   np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
                              atol=TOLERANCE[dtype])
 
 
 @pytest.mark.parametrize("case", BLOCK_SPARSE_CASES[:3])
-def test_block_sparse_attention_gradients_match_reference(case):
+@pytest.mark.parametrize("kernel", VARIANTS, ids=VARIANT_IDS)
+def test_block_sparse_attention_gradients_match_reference(case, kernel):
   *shape, block_q, block_k, max_blocks, keep_prob, offset = case
   q, k, v, *rest = _block_sparse_inputs(7 + sum(shape), *shape, block_q, block_k, max_blocks,
                                         keep_prob, offset, jnp.float32)
   weights = jax.random.normal(jax.random.key(9), q.shape)
   static = dict(block_q=block_q, block_k=block_k)
 
-  def loss(attention_fn):
-    return lambda q, k, v: jnp.sum(attention_fn(q, k, v, *rest, **static) * weights)
+  def loss(attention_fn, **options):
+    return lambda q, k, v: jnp.sum(attention_fn(q, k, v, *rest, **static, **options) * weights)
 
   expected = jax.grad(loss(block_sparse_attention_reference), argnums=(0, 1, 2))(q, k, v)
-  actual = jax.grad(loss(block_sparse_attention), argnums=(0, 1, 2))(q, k, v)
+  actual = jax.grad(loss(block_sparse_attention, **kernel), argnums=(0, 1, 2))(q, k, v)
   for name, a, e in zip("qkv", actual, expected):
     np.testing.assert_allclose(a, e, atol=1e-4, err_msg=f"d{name}")
+
+
+def test_compiled_kernels_need_their_backend_and_unknown_variants_are_refused():
+  """On this CPU only the interpreters exist; asking for a compiled kernel fails before tracing."""
+  if jax.default_backend() == "cpu":
+    for variant in backend.VARIANTS:
+      with pytest.raises(ValueError, match=f"the {variant} kernels compile only on"):
+        backend.choose(variant, False)
+    assert backend.choose(None, None) == ("triton", True)
+  with pytest.raises(ValueError, match="kernel variant 'cuda'"):
+    backend.choose("cuda", True)
 
 
 def test_model_on_kernels_matches_jnp_path():

@@ -23,6 +23,9 @@ from budgetdraft.models.kv_cache import FullKVCache, MaskedKVCache, SparseKVCach
 RULES = (("batch", "data"), ("heads", "model"), ("kv_heads", "model"), ("mlp", "model"),
          ("vocab", "model"), ("embed", None), ("layers", None), ("length", None),
          ("head_dim", None))
+# Training (FSDP): parameters and optimizer state are also split along `embed` over `data`, and
+# gathered where a step uses them; the batch stays on `data`.
+FSDP_RULES = tuple((name, "data" if name == "embed" else axis) for name, axis in RULES)
 
 PARAM_AXES = {
     "embed/embedding": ("vocab", "embed"),
@@ -75,10 +78,10 @@ def make_mesh(spec: str = "", devices=None) -> jax.sharding.Mesh:
                        axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
-def logical_sharding(mesh, axes: tuple, shape: tuple) -> NamedSharding:
-  """The sharding of an array of `shape` with logical `axes`, by `RULES` (replicated where the
+def logical_sharding(mesh, axes: tuple, shape: tuple, rules=RULES) -> NamedSharding:
+  """The sharding of an array of `shape` with logical `axes`, by `rules` (replicated where the
   mesh axis does not divide the dimension)."""
-  rules = dict(RULES)
+  rules = dict(rules)
   spec = []
   for name, size in zip(axes, shape):
     mesh_axis = None if name is None else rules[name]
@@ -87,13 +90,13 @@ def logical_sharding(mesh, axes: tuple, shape: tuple) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
-def param_shardings(mesh, params: Mapping):
-  """NamedShardings for a params tree (`Transformer`'s), by `PARAM_AXES`."""
+def param_shardings(mesh, params: Mapping, rules=RULES):
+  """NamedShardings for a params tree (`Transformer`'s), by `PARAM_AXES` and `rules`."""
   def sharding(path, leaf):
     name = "/".join(key.key for key in path)
     if name not in PARAM_AXES:
       raise ValueError(f"parameter {name} has no entry in parallel.PARAM_AXES")
-    return logical_sharding(mesh, PARAM_AXES[name], leaf.shape)
+    return logical_sharding(mesh, PARAM_AXES[name], leaf.shape, rules)
   return jax.tree_util.tree_map_with_path(sharding, params)
 
 
@@ -119,13 +122,17 @@ def state_shardings(mesh, state, batch_size: int):
     shape = getattr(leaf, "shape", ())
     if shape and shape[0] == batch_size:
       return batch_sharding(mesh, shape)
-    return NamedSharding(mesh, PartitionSpec())
+    return replicated(mesh)
   return jax.tree.map(sharding, state, is_leaf=is_cache)
 
 
 def batch_sharding(mesh, shape: tuple) -> NamedSharding:
   """A [B, ...] input (prompts, lengths) split along `batch`."""
   return logical_sharding(mesh, ("batch",) + (None,) * (len(shape) - 1), shape)
+
+
+def replicated(mesh) -> NamedSharding:
+  return NamedSharding(mesh, PartitionSpec())
 
 
 def place(mesh, params_trees: tuple, prompt, lengths):

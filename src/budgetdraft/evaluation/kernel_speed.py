@@ -3,8 +3,10 @@
 For each model shape, budget and context: the sparse decode kernel over a compact cache of
 `budget` kept keys, and the block-sparse kernel reading the same kept set (as kept blocks) straight
 from a full cache of `context` keys. Bytes moved = the K/V (and positions) a kernel must read +
-queries and outputs. On CPU the kernels run in interpret mode: the table then only certifies
-agreement with the reference; its times say nothing about the kernels.
+queries and outputs. Each backend runs its own layout (`pallas_kernels.backend.choose`: mosaic on
+TPU, triton on GPU). On CPU the kernels run in interpret mode: the table then only certifies
+agreement with the reference; its times say nothing about the kernels, and no bandwidth share is
+reported.
 """
 
 from absl import logging
@@ -14,6 +16,7 @@ import numpy as np
 
 from budgetdraft.evaluation import timing
 import pallas_kernels
+from pallas_kernels import backend
 
 # name -> (query heads, kv heads, head dim, dtype)
 SHAPES = {"smollm2": (9, 3, 64, jnp.float32), "llama3-8b": (32, 8, 128, jnp.bfloat16)}
@@ -54,6 +57,9 @@ def _time(fn, args):
 def kernel_speed(shapes: list[str], contexts: list[int], budgets: list[int], *, queries: int,
                  block: int, bandwidth: float) -> list[dict]:
   """One row per (shape, context, budget <= context)."""
+  variant, interpret = backend.choose(None, None)
+  share = lambda num_bytes, seconds: ("n/a (interpret)" if interpret
+                                      else num_bytes / seconds / bandwidth)
   rows = []
   for shape in shapes:
     for context in contexts:
@@ -71,12 +77,13 @@ def kernel_speed(shapes: list[str], contexts: list[int], budgets: list[int], *, 
                                           reference.astype(jnp.float32))))
                     for out in (kernel, gathered_out))
         rows.append({
-            "shape": shape, "context": context, "budget": budget,
+            "shape": shape, "kernels": variant + (" (interpret)" if interpret else ""),
+            "context": context, "budget": budget,
             "reference us": 1e6 * reference_s, "compact kernel us": 1e6 * kernel_s,
             "gather kernel us": 1e6 * gathered_s,
             "MB moved": (moved + position_bytes) / 1e6,
-            "compact BW share": (moved + position_bytes) / kernel_s / bandwidth,
-            "gather BW share": moved / gathered_s / bandwidth,
+            "compact BW share": share(moved + position_bytes, kernel_s),
+            "gather BW share": share(moved, gathered_s),
             "max abs err": error})
         logging.info("%s", rows[-1])
   return rows

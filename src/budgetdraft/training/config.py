@@ -16,7 +16,7 @@ from budgetdraft.sparsity.selection import SparsityConfig
 # not what is trained. `steps` may grow when a finished run is extended (the trainer warns).
 RUN_CONTROL_FIELDS = frozenset({"workdir", "variant", "checkpoint", "data_dir", "log_every",
                                 "checkpoint_every", "allow_config_change", "steps",
-                                "teacher.cache_dir"})
+                                "teacher.cache_dir", "mesh"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +77,8 @@ class TrainConfig:
   log_every: int = 10
   checkpoint_every: int = 20
   allow_config_change: bool = False  # resume a workdir under a different recipe (with a warning)
+  mesh: str = ""                   # "data=4,model=2" (parallel.make_mesh); "" = every device on
+                                   # data when there are several, else none
 
   def __post_init__(self):
     for name in ("drafter_layers", "prompt_len", "continuation", "batch_size", "steps", "gamma",

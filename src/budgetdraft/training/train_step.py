@@ -3,6 +3,9 @@
 One compiled step serves every budget: budgets are a traced [M] array (`selection.keep_mask`)
 and only M is static, so sampling new budgets each step never recompiles. The step's randomness
 (the `random` policy's) is folded from (seed, step), so a resumed run repeats an uninterrupted one.
+On a mesh (`state_shardings`), the batch is split over `data` and the parameters and optimizer
+state are sharded by `parallel.FSDP_RULES`; GSPMD inserts the gathers and the gradient reduction,
+so the step computes what it computes on one device.
 """
 
 import functools
@@ -12,6 +15,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from budgetdraft import parallel
 from budgetdraft.models import prefill
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.training import losses, teacher as teacher_lib, views
@@ -36,10 +40,23 @@ def make_optimizer(config: TrainConfig) -> optax.GradientTransformation:
                      optax.adamw(schedule, weight_decay=config.weight_decay))
 
 
+def state_shardings(mesh, state: TrainState, optimizer: optax.GradientTransformation) -> TrainState:
+  """NamedShardings of a train state: params and their optimizer moments by `FSDP_RULES`, the
+  counters replicated."""
+  params = parallel.param_shardings(mesh, state.params, parallel.FSDP_RULES)
+  replicated = parallel.replicated(mesh)
+  opt_state = optax.tree_map_params(optimizer, lambda _, sharding: sharding, state.opt_state,
+                                    params, transform_non_params=lambda _: replicated)
+  return TrainState(step=replicated, data_position=replicated, params=params, opt_state=opt_state)
+
+
 def make_train_step(model_config: ModelConfig, config: TrainConfig,
-                    optimizer: optax.GradientTransformation):
+                    optimizer: optax.GradientTransformation, shardings: TrainState | None = None):
   """train_step(state, shared, tokens [B, S], teacher_ids/probs [B, C, k], budgets [M],
-  verifier_hidden [B, S, dim] or None: an EAGLE-style drafter's inputs and regression target)."""
+  verifier_hidden [B, S, dim] or None: an EAGLE-style drafter's inputs and regression target).
+
+  shardings: the state's (`state_shardings`) on a mesh, kept by every step; None on one device.
+  """
   sparse_weight = config.sparse_weight if config.num_views else 0.0
 
   def loss_fn(trainable, shared, tokens, teacher_ids, teacher_probs, budgets, rng,
@@ -64,7 +81,11 @@ def make_train_step(model_config: ModelConfig, config: TrainConfig,
       parts = {**parts, "feature": feature}
     return total, parts
 
-  @functools.partial(jax.jit, donate_argnums=(0,))
+  out_shardings = None
+  if shardings is not None:
+    out_shardings = (shardings, parallel.replicated(shardings.step.mesh))
+
+  @functools.partial(jax.jit, donate_argnums=(0,), out_shardings=out_shardings)
   def train_step(state: TrainState, shared, tokens, teacher_ids, teacher_probs, budgets,
                  verifier_hidden=None):
     rng = jax.random.fold_in(jax.random.key(config.seed), state.step)

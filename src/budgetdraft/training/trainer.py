@@ -26,13 +26,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from tensorboardX import SummaryWriter
 
-from budgetdraft import drafters
+from budgetdraft import drafters, parallel
 from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.training import teacher as teacher_lib
 from budgetdraft.training.budgets import sample_budgets
 from budgetdraft.training.config import TrainConfig
-from budgetdraft.training.train_step import TrainState, make_optimizer, make_train_step
+from budgetdraft.training.train_step import (TrainState, make_optimizer, make_train_step,
+                                             state_shardings)
 
 
 class _Teacher:
@@ -201,9 +202,12 @@ def _exported(directory: str, steps: int, verifier: dict) -> bool:
 
 
 def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: dict,
-          sequences: np.ndarray, *, verifier_name: str = "",
-          stop_after: int | None = None) -> list[dict]:
+          sequences: np.ndarray, *, verifier_name: str = "", stop_after: int | None = None,
+          mesh: jax.sharding.Mesh | None = None) -> list[dict]:
   """Trains a drafter cut from the verifier on sequences [N, P + C]; resumes from config.workdir.
+
+  mesh: a `parallel.make_mesh` mesh to train on (batch over `data`, FSDP parameters and optimizer
+  state); a checkpoint written on any mesh, or on one device, restores onto it.
 
   stop_after: stop (with a checkpoint) after this many steps in total, as if the job were killed
   there; a later call resumes. Returns the per-step metrics of this call. The trained drafter is
@@ -225,6 +229,11 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state, not the verifier's
   state = TrainState(step=jnp.zeros((), jnp.int32), data_position=jnp.zeros((), jnp.int32),
                      params=trainable, opt_state=optimizer.init(trainable))
+  shardings = None
+  if mesh is not None:  # restoring below then reads a checkpoint of any mesh onto this one
+    shardings = state_shardings(mesh, state, optimizer)
+    state = jax.device_put(state, shardings)
+    shared = jax.device_put(shared, parallel.param_shardings(mesh, shared, parallel.FSDP_RULES))
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2))
   state = _restore(manager, state, workdir)
@@ -233,7 +242,9 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
 
   teacher = _Teacher(config, verifier_config, verifier_params, sequences[:num_used],
                      verifier_name)
-  train_step = make_train_step(model_config, config, optimizer)
+  train_step = make_train_step(model_config, config, optimizer, shardings)
+  on_batch = lambda x: x if mesh is None or x is None else jax.device_put(
+      x, parallel.batch_sharding(mesh, x.shape))
   last_step = min(config.steps, stop_after or config.steps)
   progress = _Progress(workdir, int(state.step), config.steps,
                        config.batch_size * sequences.shape[1])
@@ -241,9 +252,10 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   for step in range(int(state.step), last_step):
     step_budgets = sample_budgets(config, step)
     indices = (int(state.data_position) + np.arange(config.batch_size)) % num_used
-    teacher_ids, teacher_probs, verifier_hidden = teacher(indices)
-    state, metrics = train_step(state, shared, jnp.asarray(sequences[indices]), teacher_ids,
-                                teacher_probs, jnp.asarray(step_budgets), verifier_hidden)
+    batch = (jnp.asarray(sequences[indices]),) + tuple(teacher(indices))
+    tokens, teacher_ids, teacher_probs, verifier_hidden = map(on_batch, batch)
+    state, metrics = train_step(state, shared, tokens, teacher_ids, teacher_probs,
+                                jnp.asarray(step_budgets), verifier_hidden)
     metrics = jax.device_get(metrics)
     is_last = step + 1 == last_step
     progress.record(step, metrics, step_budgets,
