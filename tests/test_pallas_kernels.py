@@ -55,7 +55,9 @@ def test_sparse_decode_attention_matches_reference(batch, num_new, num_heads, nu
 
 
 def _block_sparse_inputs(seed, batch, num_q, num_keys, num_heads, num_kv_heads, head_dim, block_q,
-                         block_k, max_blocks, keep_prob, query_offset, dtype):
+                         block_k, max_blocks, keep_prob, query_offset, ring, dtype):
+  """(q, k, v, query_positions, keep, table, counts), ring_from (None when ring = 0: else each
+  query also sees its last `ring` keys at or after a per-row ring base)."""
   keys = jax.random.split(jax.random.key(seed), 4)
   q = jax.random.normal(keys[0], (batch, num_q, num_heads, head_dim), dtype)
   k = jax.random.normal(keys[1], (batch, num_kv_heads, num_keys, head_dim), dtype)
@@ -69,16 +71,20 @@ def _block_sparse_inputs(seed, batch, num_q, num_keys, num_heads, num_kv_heads, 
     table[index][:counts[index]] = np.sort(rng.choice(num_kv_blocks, counts[index], replace=False))
   keep = (rng.random((batch, num_kv_heads, num_keys)) < keep_prob).astype(np.int32)
   query_positions = query_offset + np.arange(num_q)[None].repeat(batch, 0)
+  ring_from = None
+  if ring:
+    ring_base = rng.integers(0, query_offset + 1, size=(batch, 1))
+    ring_from = jnp.asarray(np.maximum(ring_base, query_positions - ring + 1), jnp.int32)
   return (q, k, v, jnp.asarray(query_positions, jnp.int32), jnp.asarray(keep), jnp.asarray(table),
-          jnp.asarray(counts))
+          jnp.asarray(counts)), ring_from
 
 
 BLOCK_SPARSE_CASES = [
-    # batch, Tq, S, H, Hkv, D, block_q, block_k, max_blocks, keep_prob, query_offset
-    (1, 64, 64, 4, 4, 32, 16, 16, 4, 1.0, 0),       # training self-attention, dense table
-    (2, 128, 256, 9, 3, 64, 32, 32, 5, 0.7, 128),   # SmolLM2 heads, sparse view of a longer sequence
-    (1, 8, 512, 8, 2, 16, 8, 64, 6, 0.5, 504),      # decode-like: 8 queries over kept cache blocks
-    (2, 32, 96, 2, 1, 128, 16, 32, 2, 0.9, 40),     # MQA, head_dim 128
+    # batch, Tq, S, H, Hkv, D, block_q, block_k, max_blocks, keep_prob, query_offset, ring
+    (1, 64, 64, 4, 4, 32, 16, 16, 4, 1.0, 0, 0),       # training self-attention, dense table
+    (2, 128, 256, 9, 3, 64, 32, 32, 5, 0.7, 128, 24),  # SmolLM2 heads, a training view + ring
+    (1, 8, 512, 8, 2, 16, 8, 64, 6, 0.5, 504, 0),      # decode-like: 8 queries, kept blocks
+    (2, 32, 96, 2, 1, 128, 16, 32, 2, 0.3, 40, 40),    # MQA, head_dim 128, mostly ring
 ]
 
 
@@ -86,24 +92,28 @@ BLOCK_SPARSE_CASES = [
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
 @pytest.mark.parametrize("kernel", VARIANTS, ids=VARIANT_IDS)
 def test_block_sparse_attention_matches_reference(case, dtype, kernel):
-  *shape, block_q, block_k, max_blocks, keep_prob, offset = case
-  args = _block_sparse_inputs(sum(shape), *shape, block_q, block_k, max_blocks, keep_prob, offset,
-                              dtype)
-  static = dict(block_q=block_q, block_k=block_k)
+  *shape, block_q, block_k, max_blocks, keep_prob, offset, ring = case
+  args, ring_from = _block_sparse_inputs(sum(shape), *shape, block_q, block_k, max_blocks,
+                                         keep_prob, offset, ring, dtype)
+  static = dict(block_q=block_q, block_k=block_k, ring_from=ring_from)
   expected = block_sparse_attention_reference(*args, **static)
   actual = block_sparse_attention(*args, **static, **kernel)
+  if ring_from is not None:  # the ring really adds keys here
+    without_ring = block_sparse_attention_reference(*args, block_q=block_q, block_k=block_k)
+    assert float(jnp.abs(without_ring.astype(jnp.float32) - expected.astype(jnp.float32)).max()) > 0.1
   np.testing.assert_allclose(np.asarray(actual, np.float32), np.asarray(expected, np.float32),
                              atol=TOLERANCE[dtype])
 
 
-@pytest.mark.parametrize("case", BLOCK_SPARSE_CASES[:3])
+@pytest.mark.parametrize("case", BLOCK_SPARSE_CASES[:2] + BLOCK_SPARSE_CASES[3:])
 @pytest.mark.parametrize("kernel", VARIANTS, ids=VARIANT_IDS)
 def test_block_sparse_attention_gradients_match_reference(case, kernel):
-  *shape, block_q, block_k, max_blocks, keep_prob, offset = case
-  q, k, v, *rest = _block_sparse_inputs(7 + sum(shape), *shape, block_q, block_k, max_blocks,
-                                        keep_prob, offset, jnp.float32)
+  *shape, block_q, block_k, max_blocks, keep_prob, offset, ring = case
+  (q, k, v, *rest), ring_from = _block_sparse_inputs(7 + sum(shape), *shape, block_q, block_k,
+                                                     max_blocks, keep_prob, offset, ring,
+                                                     jnp.float32)
   weights = jax.random.normal(jax.random.key(9), q.shape)
-  static = dict(block_q=block_q, block_k=block_k)
+  static = dict(block_q=block_q, block_k=block_k, ring_from=ring_from)
 
   def loss(attention_fn, **options):
     return lambda q, k, v: jnp.sum(attention_fn(q, k, v, *rest, **static, **options) * weights)

@@ -183,6 +183,17 @@ def test_shipped_configs_are_valid_for_smollm2(variant):
   assert (cfg.num_views == 0) == (variant == "naive")
 
 
+def test_training_on_the_pallas_kernels_equals_the_jnp_path(tiny_teacher, tmp_path):
+  """attention_impl="pallas" (interpret mode here): teacher, prompt pass and views on the kernels."""
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size)
+  runs = [trainer.train(_config(steps=3, workdir=str(tmp_path / impl)),
+                        dataclasses.replace(config, attention_impl=impl), params, sequences)
+          for impl in ("jnp", "pallas")]
+  for jnp_step, pallas_step in zip(*runs):
+    assert float(pallas_step["loss"]) == pytest.approx(float(jnp_step["loss"]), rel=1e-4)
+
+
 @pytest.mark.parametrize("variant", budgetdraft_paper.VARIANTS)
 def test_the_published_recipe_configs_are_valid_for_smollm2(variant):
   cfg = TrainConfig.from_dict(budgetdraft_paper.get_config(variant))

@@ -1,5 +1,7 @@
 """Training views reproduce the inference sparse cache exactly, and are differentiable."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -138,3 +140,25 @@ def test_a_prefix_without_gradient_trains_only_through_the_continuation(tiny_mod
   differences = [float(jnp.abs(a - b).max()) for a, b in zip(jax.tree.leaves(no_prefix),
                                                               jax.tree.leaves(full))]
   assert max(differences) > 1e-4  # the prefix's gradient was really left out
+
+
+def test_views_on_the_pallas_kernel_equal_the_jnp_views_with_their_gradients(tiny_model):
+  """attention_impl="pallas": the prompt pass and every branch (kept keys + the ring) run on the
+  block-sparse kernel and its custom VJP."""
+  config, params = tiny_model
+  tokens = jax.random.randint(jax.random.key(6), (2, PROMPT_LEN + NUM_NEW), 0, config.vocab_size)
+  sparsity = selection.SparsityConfig(policy="snapkv", budget=None, sinks=2, window=4, recent=6)
+  weights = jax.random.normal(jax.random.key(7), (3, 2, NUM_NEW, config.vocab_size))
+
+  def loss(params, config):
+    _, logits = views.all_branch_outputs(config, params, tokens, PROMPT_LEN, jnp.array([12, 24]),
+                                         sparsity, 8, jax.random.key(0))
+    return jnp.sum(jax.nn.log_softmax(logits) * weights), logits
+
+  pallas = dataclasses.replace(config, attention_impl="pallas")
+  (_, expected), expected_grads = jax.value_and_grad(loss, has_aux=True)(params, config)
+  (_, actual), actual_grads = jax.value_and_grad(loss, has_aux=True)(params, pallas)
+  np.testing.assert_allclose(actual, expected, atol=2e-4)
+  assert "pallas_call" in str(jax.make_jaxpr(lambda p: loss(p, pallas))(params))
+  for a, e in zip(jax.tree.leaves(actual_grads), jax.tree.leaves(expected_grads)):
+    np.testing.assert_allclose(a, e, atol=2e-3, rtol=2e-3)

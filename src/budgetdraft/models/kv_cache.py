@@ -6,6 +6,7 @@ only uses the protocol, so it runs unchanged on the verifier's full cache, on th
 cache, and on the masked full cache that stands in for a sparse one in training.
 """
 
+import math
 from typing import Protocol, Self
 
 import flax.struct
@@ -251,7 +252,8 @@ class MaskedKVCache:
   the ring, so it keeps every key and masks instead: a query at position i sees key j iff j <= i and
   (keep[layer, b, h, j], or j >= ring_base and i - j < ring_size) -- exactly the keys the sparse
   cache would hold after compressing at ring_base and then feeding tokens one at a time. One masked
-  softmax over all slots (no dynamic loop), so reverse-mode differentiation works.
+  softmax over all slots (no dynamic loop), so reverse-mode differentiation works; with
+  attention_impl="pallas", the block-sparse kernel (keep mask + per-query ring) and its custom VJP.
 
   cache: the underlying `FullKVCache` (slot = position); keep: [L, B, Hkv, capacity] bool (all True
   = the full cache); ring_base: [B] the compression point (the prompt length).
@@ -284,7 +286,29 @@ class MaskedKVCache:
 
   def attend(self, layer, q, chunk_mask):
     """Attention of q [B, T, H, D] over the visible keys (chunk_mask None = causal)."""
+    if self.cache.attention_impl == "pallas" and chunk_mask is None:
+      return self._attend_pallas(layer, q)
     return self.attend_with_probs(layer, q, chunk_mask)[0]
+
+  def _attend_pallas(self, layer, q):
+    """The block-sparse kernel (differentiable by its custom VJP): the kept keys as its keep mask,
+    the ring as each query's `ring_from`; query blocks visit every KV block up to their end."""
+    batch, num_new = q.shape[:2]
+    cache = self.cache
+    block_k = min(cache.attention_block, cache.capacity)
+    block_q = math.gcd(num_new, 128)
+    num_q_blocks, num_kv_heads = num_new // block_q, cache.k.shape[2]
+    query_positions = self.length[:, None] + jnp.arange(num_new)[None, :]
+    last = query_positions.reshape(batch, num_q_blocks, block_q)[..., -1]
+    counts = jnp.broadcast_to((last // block_k + 1)[:, None].astype(jnp.int32),
+                              (batch, num_kv_heads, num_q_blocks))
+    num_blocks = cache.capacity // block_k
+    table = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
+                             (batch, num_kv_heads, num_q_blocks, num_blocks))
+    ring_from = jnp.maximum(self.ring_base[:, None], query_positions - self.ring_size + 1)
+    return pallas_kernels.block_sparse_attention(
+        q, cache.k[layer], cache.v[layer], query_positions, self.keep[layer], table, counts,
+        block_q=block_q, block_k=block_k, ring_from=ring_from)
 
   def attend_with_probs(self, layer, q, chunk_mask):
     batch, num_new = q.shape[:2]
