@@ -1,9 +1,12 @@
 """Text generation settings: `--config=configs/generate.py:<variant>`, every field a flag too.
 
 Variants:
-  default  SmolLM2-135M-Instruct, greedy, 256 new tokens, autoregressive until a trained drafter
-           ships with the project (issue 13); `--config.drafter=self` or `layers:<k>` speculates;
-           `--config.keep_rate=0.25` prefills a quarter of a long prompt (speculative prefill).
+  default  SmolLM2-135M-Instruct, greedy, 256 new tokens, speculative decoding with the shipped
+           drafter (drafters/smollm2-eagle, SnapKV 256, gamma 3) when the verifier is the one it
+           was trained for, else autoregressive (`drafter="auto"`); `--config.drafter=none`
+           decodes autoregressively, `self` or `layers:<k>` speculate with those;
+           `--config.keep_rate=0.25` prefills a quarter of a long prompt (speculative prefill,
+           autoregressive decoding after it unless a drafter without feature input is named).
 """
 
 import ml_collections
@@ -15,12 +18,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.checkpoint = ""        # verifier: a .gguf file or HF folder; "" = SmolLM2-135M-Instruct
-  config.drafter = "none"       # a drafters.load source, or "none" for autoregressive decoding
+  config.drafter = "auto"       # a drafters.load source, "none" (autoregressive) or "auto"
   config.policy = "snapkv"      # the drafter's KV policy; "full" keeps its whole cache
   config.budget = 256           # kept prompt keys per layer and KV head
   config.rule = "block"
   config.num_paths = 1
-  config.gamma = 4
+  config.gamma = 3               # the shipped drafter's chains rarely pass 3 accepted tokens
   config.temperature = 0.0      # 0 = greedy
   config.top_p = 1.0
   config.seed = 0

@@ -6,7 +6,8 @@
   cat notes.txt | python experiments/generate.py --json
 
 The prompt comes from --prompt, --prompt_file or stdin. Decoding settings are the config's fields
-(configs/generate.py): --config.drafter (a drafter source, or none = autoregressive), .policy,
+(configs/generate.py): --config.drafter (a drafter source, none = autoregressive, or auto = the
+shipped drafter when it was trained for this verifier, else none), .policy,
 .budget, .rule, .num_paths, .gamma, .temperature, .top_p, .seed, .max_new_tokens, .stop, and the
 speculative prefill's .keep_rate (< 1: the verifier prefills only the prompt chunks a small model
 picks, the drafter or .scorer; faster to the first token, no longer lossless w.r.t. the full
@@ -49,11 +50,11 @@ def main(argv):
                              sampling=SamplingConfig(cfg.temperature, cfg.top_p),
                              max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk,
                              sparsity=sparsity)
-    if cfg.drafter != "none":
+    if cfg.drafter not in ("none", "auto"):
       drafters.check(cfg.drafter)
     selection = (None if cfg.keep_rate == 1.0 else
                  specprefill.SpecPrefillConfig(keep_rate=cfg.keep_rate))
-    if selection is not None and cfg.drafter == "none":
+    if selection is not None and cfg.drafter in ("none", "auto"):
       drafters.check(cfg.scorer)
     if _PROMPT_FILE.value is not None:
       try:
@@ -65,8 +66,12 @@ def main(argv):
       text = _PROMPT.value if _PROMPT.value is not None else sys.stdin.read()
 
     verifier = checkpoint_io.load(cfg.checkpoint)
-    drafter = (None if cfg.drafter == "none" else
-               drafters.load(cfg.drafter, verifier.config, verifier.params))
+    source = cfg.drafter
+    if source == "auto":  # the shipped drafter takes feature inputs: no speculative prefill
+      shipped = drafters.shipped_for(verifier.config, verifier.params)
+      source = shipped if shipped and selection is None else "none"
+    drafter = (None if source == "none" else
+               drafters.load(source, verifier.config, verifier.params))
     prompt = generation.prompt_tokens(verifier, text, chat=_CHAT.value, spec=spec,
                                       speculative=drafter is not None,
                                       truncate=_TRUNCATE.value == "left")

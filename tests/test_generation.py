@@ -167,3 +167,4 @@ def test_smollm2_answers_a_chat_question(smollm2):
   output = json.loads(result.stdout)
   assert "Paris" in output["text"], output
   assert output["stats"]["emitted_tokens"] <= 24
+  assert output["stats"]["acceptance"] is not None  # "auto": the shipped drafter speculated

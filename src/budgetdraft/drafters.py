@@ -29,6 +29,22 @@ from budgetdraft.models.transformer import init_params
 
 SHARED = ("embed", "lm_head", "draft_head")
 KINDS = ("layers", "eagle")
+# The workdir of the drafter committed with the repository for the embedded SmolLM2.
+SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "drafters",
+                           "smollm2-eagle")
+
+
+def shipped_for(verifier_config: ModelConfig, verifier_params: dict) -> str | None:
+  """The shipped drafter's source string if this checkout has it and it was trained for this
+  verifier (same fingerprint), else None."""
+  try:
+    meta = read_metadata(os.path.join(SHIPPED_DIR, "drafter"))
+  except (FileNotFoundError, ValueError):
+    return None
+  if meta.get("verifier_fingerprint") != checkpoint_io.fingerprint(verifier_config,
+                                                                   verifier_params):
+    return None
+  return f"trained:{os.path.normpath(SHIPPED_DIR)}"
 
 
 def split_params(params: dict) -> tuple[dict, dict]:
