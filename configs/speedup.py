@@ -14,7 +14,9 @@ Variants:
            table takes the best gamma per setting. Prompts of 3800 tokens (the paper's "4K") and
            7870 (SmolLM2's 8192 positions less 256 new tokens and a 65-token draft; the paper's
            8192 and 16384 need a longer-context --config.checkpoint and --config.contexts).
-           Hours on a 2-core CPU.
+           Hours on a 2-core CPU;
+  paper_quick  the same protocol at 2-core scale: the 3800-token prompts only, 3 of them,
+           gamma in {3, 5} (~10 min).
 A row's drafter is a `drafters.load` source: `layers:<k>`, `self`, `trained:<workdir>` or
 `checkpoint:<path>`; policy None = the drafter keeps a full cache; temperature and gamma None
 = the config's.
@@ -84,21 +86,23 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.rows += [_row(trained("multiview"), "snapkv", budget) for budget in (128, 1024)]
     config.rows += [_row(trained("multiview"))]
     config.rows += [_row(trained("eagle"), "snapkv", 256), _row(trained("eagle"))]
-  elif variant == "paper":
-    headroom = max(PAPER_GAMMAS) + 1  # a last round's whole draft chain fits (prompt_length)
-    config.contexts = (3800 + 256 + headroom, 8192)
-    config.num_prompts = 9
+  elif variant in ("paper", "paper_quick"):
+    gammas = PAPER_GAMMAS if variant == "paper" else (3, 5)
+    headroom = max(gammas) + 1  # a last round's whole draft chain fits (prompt_length)
+    config.contexts = (3800 + 256 + headroom, 8192) if variant == "paper" else (3800 + 256 +
+                                                                                 headroom,)
+    config.num_prompts = 9 if variant == "paper" else 3
     config.max_new_tokens = 256
     config.gamma = 5
     config.sparsity = ml_collections.ConfigDict(
         {"sinks": 0, "window": 0, "chunk": 8, "recent": 256})
     config.rows = []
-    for gamma in PAPER_GAMMAS:
+    for gamma in gammas:
       config.rows += [_row(SHIPPED, "chunk_retrieval", budget, gamma=gamma)
                       for budget in (256, 512, 1024, 2048)]
       config.rows += [_row(SHIPPED, "streaming", 68, gamma=gamma, sinks=4, window=64),
                       _row(SHIPPED, gamma=gamma)]
   else:
     raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full, trained, "
-                     "paper")
+                     "paper, paper_quick")
   return config
