@@ -22,6 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.experimental import pallas as pl
 
+from pallas_kernels import online_softmax
 from pallas_kernels.backend import choose
 
 _MASKED = -1e30
@@ -104,9 +105,7 @@ def _mosaic_kernel(table_ref, count_ref, q_ref, bounds_ref, k_ref, v_ref, keep_r
 
   @pl.when(j == 0)
   def _():
-    max_ref[...] = jnp.full(max_ref.shape, _MASKED, jnp.float32)
-    denom_ref[...] = jnp.zeros(denom_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    online_softmax.reset(max_ref, denom_ref, acc_ref)
 
   @pl.when(j < count_ref[row])
   def _():
@@ -119,18 +118,11 @@ def _mosaic_kernel(table_ref, count_ref, q_ref, bounds_ref, k_ref, v_ref, keep_r
     key_pos = start + jax.lax.broadcasted_iota(jnp.int32, (1, block_k), 1)
     visible = ((keep > 0) | (key_pos >= ring_from[:, None])) & (key_pos <= query_pos[:, None])
     scores = jax.lax.dot_general(queries, keys, (((1,), (1,)), ((), ())))
-    scores = jnp.where(visible, scores, _MASKED)
-    running_max = max_ref[...]                                                  # [R, 1]
-    new_max = jnp.maximum(running_max, scores.max(axis=1, keepdims=True))
-    weights = jnp.where(visible, jnp.exp(scores - new_max), 0.0)
-    rescale = jnp.exp(running_max - new_max)
-    max_ref[...] = new_max
-    denom_ref[...] = denom_ref[...] * rescale + weights.sum(axis=1, keepdims=True)
-    acc_ref[...] = acc_ref[...] * rescale + jnp.dot(weights, values)
+    online_softmax.update(max_ref, denom_ref, acc_ref, scores, visible, values)
 
   @pl.when(j == max_blocks - 1)
   def _():
-    safe = jnp.maximum(denom_ref[...], 1e-30)
+    safe = online_softmax.safe_denominator(denom_ref)
     out_ref[0, 0, 0] = (acc_ref[...] / safe).astype(out_ref.dtype)
     lse_ref[0, 0, 0, 0] = (max_ref[...] + jnp.log(safe))[:, 0]
 

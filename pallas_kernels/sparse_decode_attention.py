@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
+from pallas_kernels import online_softmax
 from pallas_kernels.backend import choose
 
 _MASKED = -1e30
@@ -73,9 +74,7 @@ def _mosaic_kernel(q_ref, query_pos_ref, k_ref, v_ref, key_pos_ref, out_ref, max
 
   @pl.when(j == 0)
   def _():
-    max_ref[...] = jnp.full(max_ref.shape, _MASKED, jnp.float32)
-    denom_ref[...] = jnp.zeros(denom_ref.shape, jnp.float32)
-    acc_ref[...] = jnp.zeros(acc_ref.shape, jnp.float32)
+    online_softmax.reset(max_ref, denom_ref, acc_ref)
 
   queries = q_ref[0, 0].astype(jnp.float32) * q_ref.shape[-1] ** -0.5      # [GT, D]
   query_pos = query_pos_ref[0, 0, 0]                                       # [GT]
@@ -84,18 +83,12 @@ def _mosaic_kernel(q_ref, query_pos_ref, k_ref, v_ref, key_pos_ref, out_ref, max
   key_pos = key_pos_ref[0, 0, 0]                                           # [1, BK]
   scores = jax.lax.dot_general(queries, keys, (((1,), (1,)), ((), ())))   # [GT, BK]
   visible = (key_pos >= 0) & (key_pos <= query_pos[:, None])
-  scores = jnp.where(visible, scores, _MASKED)
-  running_max = max_ref[...]                                                # [GT, 1]
-  new_max = jnp.maximum(running_max, scores.max(axis=1, keepdims=True))
-  weights = jnp.where(visible, jnp.exp(scores - new_max), 0.0)
-  rescale = jnp.exp(running_max - new_max)
-  max_ref[...] = new_max
-  denom_ref[...] = denom_ref[...] * rescale + weights.sum(axis=1, keepdims=True)
-  acc_ref[...] = acc_ref[...] * rescale + jnp.dot(weights, values)
+  online_softmax.update(max_ref, denom_ref, acc_ref, scores, visible, values)
 
   @pl.when(j == pl.num_programs(2) - 1)
   def _():
-    out_ref[0, 0] = (acc_ref[...] / jnp.maximum(denom_ref[...], 1e-30)).astype(out_ref.dtype)
+    out_ref[0, 0] = (acc_ref[...] / online_softmax.safe_denominator(denom_ref)).astype(
+        out_ref.dtype)
 
 
 def _mosaic_call(q_grouped, k, v, key_positions, query_rows, block, interpret):
