@@ -16,7 +16,10 @@ Variants:
            8192 and 16384 need a longer-context --config.checkpoint and --config.contexts).
            Hours on a 2-core CPU;
   paper_quick  the same protocol at 2-core scale: the 3800-token prompts only, 3 of them,
-           gamma in {3, 5} (~10 min).
+           gamma in {3, 5} (~10 min);
+  long16k  16K contexts on a user's longer-context checkpoint (Llama-3.x / Qwen2.x safetensors or
+           GGUF with their rope scaling): --config.checkpoint=/models/Llama-3.2-1B-Instruct.
+           Self-drafting over SnapKV and a 4-layer cut. SmolLM2 (8192 positions) is refused.
 A row's drafter is a `drafters.load` source: `layers:<k>`, `self`, `trained:<workdir>` or
 `checkpoint:<path>`; policy None = the drafter keeps a full cache; temperature and gamma None
 = the config's.
@@ -102,7 +105,12 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
                       for budget in (256, 512, 1024, 2048)]
       config.rows += [_row(SHIPPED, "streaming", 68, gamma=gamma, sinks=4, window=64),
                       _row(SHIPPED, gamma=gamma)]
+  elif variant == "long16k":
+    config.contexts = (16384,)
+    config.max_new_tokens = 128
+    config.rows = [_row("self", "snapkv", 1024), _row("self", "snapkv", 2048),
+                   _row("layers:4", "snapkv", 1024), _row("layers:4")]
   else:
     raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full, trained, "
-                     "paper, paper_quick")
+                     "paper, paper_quick, long16k")
   return config

@@ -16,7 +16,8 @@ SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", 
                   "sparsity"}
 
 
-@pytest.mark.parametrize("variant", ["default", "full", "trained", "paper", "paper_quick"])
+@pytest.mark.parametrize("variant", ["default", "full", "trained", "paper", "paper_quick",
+                                     "long16k"])
 def test_speedup_variants(variant):
   cfg = speedup.get_config(variant)
   assert SPEEDUP_FIELDS <= set(cfg.keys())

@@ -14,6 +14,8 @@ from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.evaluation import (decode_speed, kernel_speed, repetition, results,
                                     rule_efficiency, speedup)
 from budgetdraft.models.checkpoint_io import Checkpoint
+from budgetdraft.models.config import RopeScaling, get_config
+from budgetdraft.models.transformer import init_params
 from tests.test_speculative import TINY_SPARSITY, tiny_pair  # noqa: F401 (fixture)
 
 
@@ -80,6 +82,21 @@ def test_repetition_measures_on_hand_made_text():
   # The continuation copies itself: the first token has no 2-gram, (7 8) and (8 7) are new, the
   # three after them repeat.
   assert repetition.copy_share([], [7, 8, 7, 8, 7, 8], n=2) == pytest.approx(3 / 6)
+
+
+def test_a_16k_context_runs_end_to_end_on_a_long_context_model():
+  """A tiny random model with Llama-3 rope scaling and 32K positions: speculative decoding at a
+  16K context (self-drafting over SnapKV, a layer cut with a full cache) equals AR."""
+  config = get_config("tiny", num_layers=2, max_context=32768, attention_block=512,
+                      rope_scaling=RopeScaling(8.0, 1.0, 4.0, 4096))
+  verifier = Checkpoint(path="tiny-16k", config=config,
+                        params=init_params(config, jax.random.key(3)), tokenizer=None)
+  spec = SpeculativeConfig(gamma=3, max_new_tokens=8, prefill_chunk=512)
+  variants = [speedup.Variant("self", dataclasses.replace(spec, sparsity=TINY_SPARSITY)),
+              speedup.Variant("layers:1", spec)]
+  length = speedup.prompt_length(16384, variants)
+  rows = speedup.speedup(verifier, {16384: _prompts(1, length)}, variants)
+  assert length > 16000 and [row["= AR"] for row in rows] == ["yes", "yes"]
 
 
 def test_the_kernel_bench_on_cpu_certifies_errors_and_reports_no_bandwidth():

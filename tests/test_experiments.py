@@ -45,3 +45,11 @@ def test_bad_settings_fail_before_the_checkpoint_is_opened(script, flags, messag
 def test_verification_table_rejects_empty_problems(flags, message):
   result = _run("verification_table.py", "--results_dir=/dev/null", *flags)
   assert result.returncode != 0 and re.search(message, result.stderr)
+
+
+@pytest.mark.slow
+def test_a_16k_context_on_smollm2_is_refused_naming_the_fix():
+  result = _run("speedup.py", "--config=configs/speedup.py:long16k", "--results_dir=/dev/null")
+  assert result.returncode != 0
+  assert re.search("context 16384 exceeds the verifier's context of 8192 positions.*"
+                   "--config.checkpoint", result.stderr), result.stderr[-2000:]
