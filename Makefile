@@ -61,7 +61,7 @@ generate: venv
 	$(BIN)/python experiments/generate.py --prompt_file=$(PROMPT_FILE) $(ARGS)
 
 test: data
-	BUDGETDRAFT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q
+	BUDGETDRAFT_DATA_DIR=$(DATA_DIR) $(BIN)/python -m pytest -q --durations=15
 
 clean:
 	rm -rf $(VENV) $(DATA_DIR)

@@ -86,17 +86,16 @@ def test_repetition_measures_on_hand_made_text():
 
 def test_a_16k_context_runs_end_to_end_on_a_long_context_model():
   """A tiny random model with Llama-3 rope scaling and 32K positions: speculative decoding at a
-  16K context (self-drafting over SnapKV, a layer cut with a full cache) equals AR."""
+  16K context (self-drafting over SnapKV) equals AR."""
   config = get_config("tiny", num_layers=2, max_context=32768, attention_block=512,
                       rope_scaling=RopeScaling(8.0, 1.0, 4.0, 4096))
   verifier = Checkpoint(path="tiny-16k", config=config,
                         params=init_params(config, jax.random.key(3)), tokenizer=None)
   spec = SpeculativeConfig(gamma=3, max_new_tokens=8, prefill_chunk=512)
-  variants = [speedup.Variant("self", dataclasses.replace(spec, sparsity=TINY_SPARSITY)),
-              speedup.Variant("layers:1", spec)]
+  variants = [speedup.Variant("self", dataclasses.replace(spec, sparsity=TINY_SPARSITY))]
   length = speedup.prompt_length(16384, variants)
   rows = speedup.speedup(verifier, {16384: _prompts(1, length)}, variants)
-  assert length > 16000 and [row["= AR"] for row in rows] == ["yes", "yes"]
+  assert length > 16000 and [row["= AR"] for row in rows] == ["yes"]
 
 
 def test_the_kernel_bench_on_cpu_certifies_errors_and_reports_no_bandwidth():

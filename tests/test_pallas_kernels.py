@@ -11,8 +11,12 @@ from pallas_kernels import (block_sparse_attention, block_sparse_attention_refer
                             sparse_decode_attention, sparse_decode_attention_reference)
 from pallas_kernels import backend
 
-VARIANTS = [dict(variant="triton", interpret=True), dict(variant="mosaic", interpret=True)]
-VARIANT_IDS = ["triton", "mosaic"]
+TRITON, MOSAIC = dict(variant="triton", interpret=True), dict(variant="mosaic", interpret=True)
+VARIANTS, VARIANT_IDS = [TRITON, MOSAIC], ["triton", "mosaic"]
+# Both layouts in float32; bfloat16 on the triton one (both cast to float32 the same way inside).
+DTYPE_KERNELS = pytest.mark.parametrize(
+    "dtype, kernel", [(jnp.float32, TRITON), (jnp.bfloat16, TRITON), (jnp.float32, MOSAIC)],
+    ids=["triton-f32", "triton-bf16", "mosaic-f32"])
 
 # Max abs error bound per dtype (outputs are O(1): averages of N(0, 1) values).
 TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2}
@@ -41,8 +45,7 @@ def _decode_inputs(seed, batch, num_new, num_heads, num_kv_heads, head_dim, capa
     (3, 3, 8, 2, 16, 96, 0.3, 32),      # GQA 4:1, mostly empty
     (1, 4, 2, 1, 128, 512, 0.9, 128),   # large head_dim, MQA
 ])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", VARIANTS, ids=VARIANT_IDS)
+@DTYPE_KERNELS
 def test_sparse_decode_attention_matches_reference(batch, num_new, num_heads, num_kv_heads,
                                                    head_dim, capacity, fill, block, dtype, kernel):
   args = _decode_inputs(capacity + num_new, batch, num_new, num_heads, num_kv_heads, head_dim,
@@ -89,8 +92,7 @@ BLOCK_SPARSE_CASES = [
 
 
 @pytest.mark.parametrize("case", BLOCK_SPARSE_CASES)
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
-@pytest.mark.parametrize("kernel", VARIANTS, ids=VARIANT_IDS)
+@DTYPE_KERNELS
 def test_block_sparse_attention_matches_reference(case, dtype, kernel):
   *shape, block_q, block_k, max_blocks, keep_prob, offset, ring = case
   args, ring_from = _block_sparse_inputs(sum(shape), *shape, block_q, block_k, max_blocks,

@@ -60,6 +60,21 @@ def test_greedy_speculative_equals_greedy_ar(tiny_pair, rule, num_paths, sparsit
   assert 0 < stats.acceptance_rate < 1  # both accepted and rejected drafts were exercised
 
 
+@pytest.mark.parametrize("policy", ["streaming", "h2o", "chunk_retrieval", "random"])
+def test_greedy_speculative_equals_greedy_ar_under_every_kv_policy(tiny_pair, policy):
+  """(snapkv above; lookahead and every policy on SmolLM2 in test_losslessness.)"""
+  config, params, _ = tiny_pair
+  prompts = [list(range(3, 90)), list(range(40, 75))]
+  expected = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                     max_new_tokens=24, prefill_chunk=32)
+  sparsity = dataclasses.replace(TINY_SPARSITY, policy=policy)
+  spec = speculative.SpeculativeConfig(gamma=3, rule="block", max_new_tokens=24, prefill_chunk=32,
+                                       sparsity=sparsity)
+  out, stats = _generate(tiny_pair, prompts, spec)
+  assert out == expected
+  assert 0 < stats.acceptance_rate < 1
+
+
 @pytest.mark.parametrize("rule,num_paths", [r for r in RULE_PATHS if r[0] != "greedy"])
 def test_sampled_first_two_tokens_follow_the_verifier(tiny_pair, rule, num_paths):
   """Chi-square (p > 1e-3) of the joint law of the first two emitted tokens over 3000 rows.
