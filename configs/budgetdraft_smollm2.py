@@ -7,8 +7,8 @@ Variants (one trainer; they differ only in the sparse branch):
              full branch (the default);
   eagle      the cheap drafter `make run` ships (issue 13): one fresh block fed the verifier's
              hidden states (EAGLE) and a head over the 8192 most frequent training tokens, trained
-             with the multi-view recipe + a hidden-state regression, P = C = 512, 2400 steps
-             over 1000 cached sequences (~70 min on 2 cores, + 26 min for the teacher cache);
+             with the multi-view recipe + a hidden-state regression, P = C = 512, 4400 steps
+             over 2000 cached sequences (~2.2 h on 2 cores, + ~50 min for the teacher cache);
   gpu        the multi-view recipe at accelerator scale (4K prompts, 5 budgets, 2000 steps;
              not run yet: no accelerator was lent to this project).
 The naive / single / multiview variants fit a 2-core machine in about 15 minutes each and share
@@ -79,8 +79,8 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
     config.prompt_len = 512
     config.continuation = 512
     config.budgets = (128, 256)
-    config.steps = 2400           # 2.4 epochs over 1000 sequences (the first 1000 steps were
-    config.num_sequences = 1000   # run as one pass; extended, see drafters/smollm2-eagle)
+    config.steps = 4400           # 2400 steps over 1000 sequences, then extended to 4400 over
+    config.num_sequences = 2000   # 2000 (see drafters/smollm2-eagle/README.md)
     config.learning_rate = 1e-3
     config.warmup_steps = 50
     config.teacher.cache_dir = "checkpoints/teacher_smollm2_eagle_p512_c512"
