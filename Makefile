@@ -6,7 +6,7 @@ DATA_DIR ?= data
 INSTALLED := $(VENV)/.installed
 PREPARED := $(DATA_DIR)/.prepared
 
-.PHONY: run test venv data bench drafters specprefill generate clean
+.PHONY: run test venv data bench drafters specprefill prune generate clean
 
 $(INSTALLED): requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -54,6 +54,11 @@ drafters: data
 specprefill: data
 	$(BIN)/python experiments/specprefill.py --config=configs/specprefill.py:default \
 	  --config.data_dir=$(DATA_DIR)
+
+# Bonsai (issue 16): prune SmolLM2 to 50/30/15% of its decoder parameters with forward passes only,
+# beside a one-shot magnitude baseline and layer cuts (results/bonsai_smollm2.*).
+prune: data
+	$(BIN)/python experiments/prune.py --config=configs/prune.py:smollm2 --config.data_dir=$(DATA_DIR)
 
 # Text in, text out: make generate PROMPT_FILE=notes.txt [ARGS="--chat --config.drafter=self"]
 generate: venv

@@ -10,7 +10,9 @@ Variants (one trainer; they differ only in the sparse branch):
              with the multi-view recipe + a hidden-state regression, P = C = 512, 4400 steps
              over 2000 cached sequences (~2.2 h on 2 cores, + ~50 min for the teacher cache);
   gpu        the multi-view recipe at accelerator scale (4K prompts, 5 budgets, 2000 steps;
-             not run yet: no accelerator was lent to this project).
+             not run yet: no accelerator was lent to this project);
+  pruned     the Bonsai-pruned verifier (issue 16; run experiments/prune.py first) trained further
+             with the multi-view recipe, P = 512, C = 256, teacher on the fly.
 The naive / single / multiview variants fit a 2-core machine in about 15 minutes each and share
 one teacher cache; eagle's cache also holds the verifier's hidden states.
 The entry point converts this dict into a `training.config.TrainConfig` (typed, validated).
@@ -18,7 +20,7 @@ The entry point converts this dict into a `training.config.TrainConfig` (typed, 
 
 import ml_collections
 
-VARIANTS = ("naive", "single", "multiview", "eagle", "gpu")
+VARIANTS = ("naive", "single", "multiview", "eagle", "gpu", "pruned")
 
 
 def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
@@ -35,6 +37,7 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
 
   config.drafter = "layers"       # "layers": the verifier's first k blocks; "eagle": fresh ones
   config.drafter_layers = 6       # k (+ the verifier's embedding and head, shared)
+  config.pruned_from = ""         # drafter "pruned": a directory written by experiments/prune.py
   config.draft_vocab = 0          # > 0: a head over the most frequent training tokens only
   config.feature_weight = 0.0     # eagle: hidden-state regression weight
   config.prompt_len = 1024        # compression point P inside each training sequence
@@ -85,6 +88,14 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
     config.warmup_steps = 50
     config.teacher.cache_dir = "checkpoints/teacher_smollm2_eagle_p512_c512"
     config.checkpoint_every = 50
+  elif variant == "pruned":
+    config.drafter = "pruned"
+    config.pruned_from = "checkpoints/pruned_smollm2/bonsai-30"
+    config.prompt_len = 512
+    config.budgets = (128, 256)
+    config.steps = 150
+    config.teacher.cache_dir = ""
+    config.checkpoint_every = 25
   elif variant == "gpu":
     config.prompt_len = 4096
     config.continuation = 512

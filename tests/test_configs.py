@@ -9,7 +9,8 @@ from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.evaluation import speedup as speedup_lib
 from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft import specprefill as specprefill_lib
-from configs import (acceptance_vs_budget, bench_decode, bench_kernels, budgetdraft_smollm2,
+from budgetdraft.pruning.bonsai import BonsaiConfig
+from configs import (acceptance_vs_budget, bench_decode, bench_kernels, budgetdraft_smollm2, prune,
                      rule_efficiency, specprefill, speedup, verification_table)
 
 SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", "prefill_chunk",
@@ -62,8 +63,19 @@ def test_specprefill_variants_build_valid_selections(variant):
   assert all(0 < rate < 1 for rate in cfg.keep_rates) and cfg.scorers
 
 
+@pytest.mark.parametrize("variant", ["smollm2", "quick"])
+def test_prune_variants_build_valid_bonsai_runs(variant):
+  cfg = prune.get_config(variant)
+  BonsaiConfig(targets=tuple(cfg.targets), **cfg.bonsai)
+  sparsity = SparsityConfig(budget=None, **cfg.sparsity)
+  for budget in cfg.budgets:
+    sparsity.check_budget(budget)
+  assert cfg.max_new_tokens <= cfg.sparsity.recent
+  assert (cfg.held_out_length - 1) % min(cfg.held_out_length - 1, 512) == 0
+
+
 @pytest.mark.parametrize("module", [speedup, acceptance_vs_budget, bench_decode, bench_kernels,
-                                    budgetdraft_smollm2, rule_efficiency, specprefill,
+                                    budgetdraft_smollm2, prune, rule_efficiency, specprefill,
                                     verification_table])
 def test_unknown_variants_fail_clearly(module):
   with pytest.raises(ValueError, match="unknown"):

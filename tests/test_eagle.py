@@ -1,5 +1,7 @@
 """EAGLE-style drafters (a feature input) and reduced-vocabulary heads, through the whole engine."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -27,13 +29,23 @@ def eagle(tiny_pair):
   return drafter_config, {**shared, **trainable}
 
 
+HIDDEN_LENGTH = 128  # > the longest prompt + generated tokens below
+
+
+@functools.partial(jax.jit, static_argnames="config")
+def _forward(config, params, tokens):
+  cache = FullKVCache.init(config, 1, tokens.shape[1])
+  return Transformer(config).apply({"params": params}, tokens,
+                                   jnp.arange(tokens.shape[1])[None], cache)[0][0]
+
+
 def _hidden(config, params, tokens):
-  """The verifier's hidden states [T, dim] of one token list, by one full forward."""
-  tokens = jnp.asarray([tokens])
-  cache = FullKVCache.init(config, 1, -(-tokens.shape[1] // 32) * 32)
-  hidden, _ = Transformer(config).apply({"params": params}, tokens,
-                                        jnp.arange(tokens.shape[1])[None], cache)
-  return np.asarray(hidden[0])
+  """The verifier's hidden states [T, dim] of one token list, by one full forward (padded to one
+  length so that one compiled forward serves every call; causal: the padding changes nothing
+  before it)."""
+  padded = np.zeros((1, HIDDEN_LENGTH), np.int32)
+  padded[0, :len(tokens)] = tokens
+  return np.asarray(_forward(config, params, jnp.asarray(padded)))[:len(tokens)]
 
 
 def test_initialize_shapes_and_shared_head(tiny_pair, eagle):

@@ -30,6 +30,9 @@ def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
     ("specprefill.py", ["--config.continuation=100"], "must fit in max_new_tokens"),
     ("specprefill.py", ["--config.contexts=(128,)"], "context 128 leaves too short a prompt"),
     ("specprefill.py", ["--config.drafter_budget=16"], "below sinks \\+ window"),
+    ("prune.py", ["--config.targets=(0.3, 0.5)"], "decreasing"),
+    ("prune.py", ["--config.budgets=(16,)"], "below sinks \\+ window"),
+    ("prune.py", ["--config.calibration_length=700"], "calibration_length=700"),
 ])
 def test_bad_settings_fail_before_the_checkpoint_is_opened(script, flags, message):
   """The checkpoint does not exist: a check that ran after loading would report that instead."""

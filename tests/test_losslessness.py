@@ -56,12 +56,12 @@ class _Engine:
     return speculative.outputs_and_stats(state, spec)
 
 
-def _held_out_prompts(tokenizer, data_dir, context):
-  """Two held-out prompts: one filling the context, one 85% as long (a ragged batch)."""
+def _held_out_prompts(tokenizer, data_dir, context, second=0.85):
+  """Two held-out prompts: one filling the context, one `second` as long (a ragged batch)."""
   length = context - MAX_NEW - MAX_PATHS * GAMMA - 1
-  first, second = packing.dataset_sequences("long_books", data_dir, "validation", tokenizer,
-                                            length, 2)
-  return [first.tolist(), second[:int(0.85 * length)].tolist()]
+  first, other = packing.dataset_sequences("long_books", data_dir, "validation", tokenizer,
+                                           length, 2)
+  return [first.tolist(), other[:int(second * length)].tolist()]
 
 
 def _spec(rule, num_paths, policy):
@@ -74,7 +74,8 @@ def _spec(rule, num_paths, policy):
 
 RULES_4K = [("tokenwise", 1), ("block", 1), ("greedy", 1), ("specinfer", 3), ("residual_bv", 3),
             ("gbv", 3), ("greedy", 3)]
-POLICIES_4K = ["streaming", "h2o", "lookahead", "chunk_retrieval"]  # random: test_speculative
+# random and h2o (47 s here: it scores every prompt query) run on the tiny pair in test_speculative.
+POLICIES_4K = ["streaming", "lookahead", "chunk_retrieval"]
 
 
 # Engines are class-scoped: each class's caches are freed when the class ends.
@@ -89,10 +90,11 @@ def engine_4k(smollm2, data_dir):
 
 @pytest.fixture(scope="class")
 def engine_8k(smollm2, data_dir):
-  """8K prompts up to the model's 8192 positions; a 6-layer cut drafts (cheap to prefill)."""
+  """A prompt up to the model's 8192 positions beside a 2K one; a 6-layer cut drafts (cheap to
+  prefill)."""
   config, params, tokenizer = smollm2
   engine = _Engine((config, params), drafters.load("layers:6", config, params),
-                   _held_out_prompts(tokenizer, data_dir, 8192))
+                   _held_out_prompts(tokenizer, data_dir, 8192, second=0.25))
   return engine, engine.autoregressive()
 
 
@@ -133,9 +135,9 @@ class TestGreedyAt4K:
     assert stats.acceptance_rate > 0.2  # the drafts were really verified, not all rejected
 
 
-class TestGreedyAt8K:
+class TestGreedyAt8K:  # multi-path trees: at 4K above
 
-  @pytest.mark.parametrize("rule,num_paths", [("block", 1), ("gbv", 3)])
+  @pytest.mark.parametrize("rule,num_paths", [("block", 1)])
   def test_speculative_equals_ar(self, engine_8k, rule, num_paths):
     engine, expected = engine_8k
     assert engine.lengths.tolist()[0] + MAX_NEW + MAX_PATHS * GAMMA + 1 == 8192
@@ -174,7 +176,7 @@ class TestSampling:
   the tiny model (test_speculative.py) are the precise ones; this one checks the whole engine at
   the real model's scale."""
 
-  @pytest.mark.parametrize("rule,num_paths,top_p", [("block", 1, 1.0), ("gbv", 2, 0.9)])
+  @pytest.mark.parametrize("rule,num_paths,top_p", [("block", 1, 0.9), ("gbv", 2, 1.0)])
   def test_first_three_tokens_follow_ar_sampling(self, sampling_engine, rule, num_paths, top_p):
     engine = sampling_engine
     sampling = SamplingConfig(temperature=1.0, top_p=top_p)

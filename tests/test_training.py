@@ -13,7 +13,10 @@ import numpy as np
 import pytest
 
 from budgetdraft.decoding import autoregressive, speculative
+from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import get_config
+from budgetdraft.pruning import units
+from budgetdraft.pruning import checkpoint as pruned_checkpoint
 from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft.models.transformer import init_params
 from budgetdraft import drafters
@@ -155,8 +158,40 @@ def test_eagle_training_learns_and_its_drafter_decodes_losslessly(tiny_teacher, 
   np.testing.assert_array_equal(again[2]["loss"], history[2]["loss"])
 
 
+def test_a_pruned_verifier_trains_as_a_drafter_and_decodes_losslessly(tiny_teacher, tmp_path):
+  """drafter="pruned": the trainer takes the pruned (unrolled) model unchanged; the full-branch
+  loss falls and the exported drafter, loaded back with its pruned shapes, speculates losslessly."""
+  config, params = tiny_teacher
+  layout = units.Layout(config, 16)
+  keep = np.ones(layout.size, bool)
+  keep[[0, 3]] = False  # KV head 0 of layers 0 and 1
+  keep[layout.slices()["channels"]][::3] = False
+  pruned_config, pruned_params = units.prune(layout, params, keep)
+  pruned_dir = str(tmp_path / "pruned")
+  pruned_checkpoint.save(pruned_dir, pruned_config, pruned_params, keep=keep, verifier={
+      "name": "tiny", "fingerprint": checkpoint_io.fingerprint(config, params)})
+  sequences = _sequences(config.vocab_size)
+  cfg = _config("pruned", pruned_from=pruned_dir, steps=40, log_every=20, checkpoint_every=40,
+                workdir=str(tmp_path / "w"))
+  history = trainer.train(cfg, config, params, sequences)
+  first, last = _mean(history, "full", slice(0, 10)), _mean(history, "full", slice(-10, None))
+  assert last < 0.9 * first, (first, last)
+  drafter_config, drafter_params = drafters.load(f"trained:{tmp_path / 'w'}", config, params)
+  assert drafter_config == pruned_config
+  prompts = [sequences[0, :40].tolist(), sequences[1, :30].tolist()]
+  expected = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                     max_new_tokens=16, prefill_chunk=16)
+  spec = speculative.SpeculativeConfig(gamma=3, max_new_tokens=16, prefill_chunk=16,
+                                       sparsity=SparsityConfig(budget=16, sinks=2, window=4,
+                                                               recent=4, observation=4))
+  out, _ = speculative.generate(params, drafter_params, prompts, jax.random.key(1),
+                                verifier_config=config, drafter_config=drafter_config, spec=spec)
+  assert out == expected
+
+
 @pytest.mark.parametrize("overrides, message", [
     (dict(drafter="mlp"), "drafter='mlp'"),
+    (dict(drafter="pruned"), "pruned_from=''"),
     (dict(num_sequences=-1), "num_sequences=-1"),
     (dict(feature_weight=1.0), "drafter='eagle' only"),
     (dict(budgets=()), "budget list is empty"),

@@ -3,11 +3,13 @@
   self              the verifier itself (isolates the effect of the sparse cache on acceptance);
   layers:<k>        the verifier's first k layers + final norm + its embedding and head;
   trained:<workdir> a drafter trained by experiments/train_drafter.py;
-  checkpoint:<path> any Llama-family GGUF / HF folder sharing the verifier's tokenizer.
-A trained drafter is one of two kinds (`initialize`):
+  checkpoint:<path> any Llama-family GGUF / HF folder sharing the verifier's tokenizer;
+  pruned:<dir>      the verifier pruned by experiments/prune.py (Bonsai or a baseline).
+A trained drafter is one of three kinds (`initialize`):
   layers  the verifier's first k blocks, trained further;
   eagle   k fresh blocks fed [token embedding, the verifier's hidden state one position earlier]
-          (EAGLE), so a single block can predict what the verifier's 30 would.
+          (EAGLE), so a single block can predict what the verifier's 30 would;
+  pruned  a pruned verifier (`pruned:<dir>`), trained further.
 Either may score only the `draft_vocab` most frequent token ids of its training data
 (`frequent_ids`), whose head rows are the verifier's. A trained drafter saves only its own params:
 the embedding and head (for SmolLM2 half of a small drafter's weights) are shared with the
@@ -26,9 +28,10 @@ import numpy as np
 from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.transformer import init_params
+from budgetdraft.pruning import checkpoint as pruned_checkpoint
 
 SHARED = ("embed", "lm_head", "draft_head")
-KINDS = ("layers", "eagle")
+KINDS = ("layers", "eagle", "pruned")
 # The workdir of the drafter committed with the repository for the embedded SmolLM2.
 SHIPPED_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "..", "drafters",
                            "smollm2-eagle")
@@ -72,15 +75,18 @@ def _head_rows(verifier_config: ModelConfig, verifier_params: dict, ids) -> dict
 
 
 def initialize(kind: str, verifier_config: ModelConfig, verifier_params: dict, num_layers: int,
-               draft_ids=None, seed: int = 0):
+               draft_ids=None, seed: int = 0, pruned_from: str = ""):
   """(drafter config, trainable params, shared params) of a drafter of `kind` (see KINDS).
 
-  draft_ids: the token ids a reduced head scores (None: the verifier's whole head).
+  draft_ids: the token ids a reduced head scores (None: the verifier's whole head);
+  pruned_from: the pruned model's directory (kind "pruned"; num_layers is then its own).
   """
   if kind not in KINDS:
     raise ValueError(f"drafter kind {kind!r}; valid: {KINDS}")
   if kind == "layers":
     config, params = checkpoint_io.take_layers(verifier_config, verifier_params, num_layers)
+  elif kind == "pruned":
+    config, params = pruned_checkpoint.load(pruned_from, verifier_config, verifier_params)
   else:
     config = dataclasses.replace(verifier_config, num_layers=num_layers,
                                  feature_dim=verifier_config.dim)
@@ -113,7 +119,7 @@ def read_metadata(directory: str) -> dict:
 
 
 def save(directory: str, trainable: dict, *, kind: str, num_layers: int, verifier: dict,
-         steps: int, draft_ids=None) -> None:
+         steps: int, draft_ids=None, pruned_from: str = "") -> None:
   """Writes a drafter atomically: into `<directory>.partial`, then renamed into place. A drafter
   already at `directory` is kept as `<directory>-step<its steps>`.
 
@@ -126,7 +132,7 @@ def save(directory: str, trainable: dict, *, kind: str, num_layers: int, verifie
   with open(os.path.join(staging, "drafter.json"), "w") as f:
     json.dump({"kind": kind, "num_layers": num_layers, "verifier": verifier["name"],
                "verifier_fingerprint": verifier["fingerprint"], "steps": steps,
-               "draft_ids": ids}, f)
+               "draft_ids": ids, "pruned_from": pruned_from}, f)
   if os.path.exists(directory):
     try:
       previous = read_metadata(directory).get("steps", "unknown")
@@ -149,7 +155,8 @@ def _load_trained(directory: str, verifier_config: ModelConfig, verifier_params:
                      f"{meta.get('verifier')!r} (fingerprint {expected}), not for the given one "
                      f"(fingerprint {actual}); load the verifier it was trained with")
   config, _, shared = initialize(meta.get("kind", "layers"), verifier_config, verifier_params,
-                                 meta["num_layers"], meta.get("draft_ids"))
+                                 meta["num_layers"], meta.get("draft_ids"),
+                                 pruned_from=meta.get("pruned_from", ""))
   try:
     trainable = checkpoint_io.restore_params(os.path.join(directory, "params"))
   except Exception as e:  # orbax / tensorstore errors name neither the drafter nor the fix
@@ -173,8 +180,11 @@ def check(source: str) -> tuple[str, str]:
     if not os.path.exists(value):
       raise FileNotFoundError(f"drafter {source!r}: no such file or folder {value}")
     return kind, value
+  if kind == "pruned" and value:
+    pruned_checkpoint.read_metadata(value)
+    return kind, value
   raise ValueError(f"drafter {source!r}: expected 'self', 'layers:<k>' (k >= 1), "
-                   "'trained:<workdir>' or 'checkpoint:<path>'")
+                   "'trained:<workdir>', 'checkpoint:<path>' or 'pruned:<dir>'")
 
 
 def load(source: str, verifier_config: ModelConfig, verifier_params: dict):
@@ -186,4 +196,6 @@ def load(source: str, verifier_config: ModelConfig, verifier_params: dict):
     return _load_trained(os.path.join(value, "drafter"), verifier_config, verifier_params)
   if kind == "checkpoint":
     return checkpoint_io.load_checkpoint(value)
+  if kind == "pruned":
+    return pruned_checkpoint.load(value, verifier_config, verifier_params)
   return verifier_config, verifier_params  # self

@@ -27,7 +27,8 @@ from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.sparsity import selection
 
-_sparse_cache = jax.jit(selection.sparse_cache, static_argnames=("config", "sparsity", "gamma"))
+# The drafter's sparse cache after its prefill, as decoding builds it (jitted once per shape).
+sparse_cache = jax.jit(selection.sparse_cache, static_argnames=("config", "sparsity", "gamma"))
 
 
 def greedy_rounds(matches: np.ndarray, gamma: int, num_tokens: int) -> RoundStats:
@@ -74,7 +75,7 @@ def teacher_forced_logits(config: ModelConfig, params, prompt, continuation, spa
                                 prefill_chunk=prefill_chunk)
   logits = []
   for sparsity in sparsities:
-    drafter_cache = cache if sparsity is None else _sparse_cache(
+    drafter_cache = cache if sparsity is None else sparse_cache(
         config, params, cache, prompt, cache.length, sparsity, gamma, rng)
     logits.append(prefill.continuation_logits(params, drafter_cache, continuation,
                                               config=config)[0])

@@ -1,5 +1,6 @@
 """Timing: compiled-only wall times and the memory-bandwidth floor."""
 
+import resource
 import time
 
 import jax
@@ -50,3 +51,8 @@ def read_bandwidth(num_bytes: int = 1024 * 2**20, repeats: int = 5) -> float:
 
 def tree_bytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree))
+
+
+def peak_memory_gb() -> float:
+  """Peak resident memory of this process so far (Linux reports KiB)."""
+  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20

@@ -45,6 +45,12 @@ class ModelConfig:
   # so its law is zero there (lossless: the verifier decides).
   feature_dim: int = 0
   draft_vocab: int = 0
+  # Per-layer widths of a pruned model (`pruning/`; empty = every layer has the full widths):
+  # layer_kv_heads[l] KV heads (each with its whole group of num_heads // num_kv_heads query heads),
+  # layer_mlp_dims[l] MLP channels. Such a model's layers are unrolled (their shapes differ); its
+  # cache keeps num_kv_heads per layer, the missing heads held at zero.
+  layer_kv_heads: tuple[int, ...] = ()
+  layer_mlp_dims: tuple[int, ...] = ()
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -57,6 +63,22 @@ class ModelConfig:
     if self.feature_dim < 0 or not 0 <= self.draft_vocab <= self.vocab_size:
       raise ValueError(f"feature_dim={self.feature_dim} must be >= 0 and draft_vocab="
                        f"{self.draft_vocab} in [0, vocab_size={self.vocab_size}]")
+    for name, widths, full in (("layer_kv_heads", self.layer_kv_heads, self.num_kv_heads),
+                               ("layer_mlp_dims", self.layer_mlp_dims, self.mlp_dim)):
+      if widths and (len(widths) != self.num_layers or not all(0 <= w <= full for w in widths)):
+        raise ValueError(f"{name}={widths} must hold num_layers={self.num_layers} widths in "
+                         f"[0, {full}] (or be empty: every layer full)")
+
+  @property
+  def per_layer_widths(self) -> bool:
+    """Whether layers differ in shape (a pruned model): then they are unrolled, not scanned."""
+    return bool(self.layer_kv_heads or self.layer_mlp_dims)
+
+  def kv_heads_of(self, layer: int) -> int:
+    return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads
+
+  def mlp_dim_of(self, layer: int) -> int:
+    return self.layer_mlp_dims[layer] if self.layer_mlp_dims else self.mlp_dim
 
   @property
   def dtype(self):

@@ -4,7 +4,8 @@
 one chunk (a 16K prompt fits a laptop) and the chunks share one compiled step (`lax.scan`).
 `prefill_cache` + `continuation_logits` give the logits of a known continuation after a prompt over
 any cache (the verifier's full one, or a drafter's compressed one): the training teacher and the
-acceptance measurement both use them. `pad_prompts` and `check_request` are the request boundary
+acceptance measurement both use them; `negative_log_likelihood` scores whole sequences (perplexity,
+pruning). `pad_prompts` and `check_request` are the request boundary
 shared by the decoding loops.
 """
 
@@ -87,6 +88,33 @@ def continuation_logits(params, cache: KVCache, continuation, *, config: ModelCo
   positions = cache.length[:, None] + jnp.arange(continuation.shape[1])[None, :]
   hidden, _ = model.apply({"params": params}, continuation, positions, cache)
   return model.apply({"params": params}, hidden, method=Transformer.logits)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "chunk_size"))
+def negative_log_likelihood(params, tokens, *, config: ModelConfig, chunk_size: int = 512):
+  """Mean next-token NLL (nats) of tokens [B, T] with T - 1 a multiple of chunk_size.
+
+  Runs the cached model chunk by chunk, so memory holds one chunk's [chunk, V] logits at a time.
+  """
+  batch, length = tokens.shape
+  if (length - 1) % chunk_size:
+    raise ValueError(f"len(tokens) - 1 = {length - 1} must be a multiple of chunk_size={chunk_size}")
+  model = Transformer(config)
+  num_chunks = (length - 1) // chunk_size
+  inputs = tokens[:, :-1].reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+  targets = tokens[:, 1:].reshape(batch, num_chunks, chunk_size).swapaxes(0, 1)
+
+  def chunk_nll(cache, xs):
+    chunk, target = xs
+    positions = cache.length[:, None] + jnp.arange(chunk_size)[None]
+    hidden, cache = model.apply({"params": params}, chunk, positions, cache)
+    log_probs = jax.nn.log_softmax(model.apply({"params": params}, hidden,
+                                               method=Transformer.logits))
+    return cache, -jnp.take_along_axis(log_probs, target[..., None], -1)[..., 0].mean()
+
+  cache = FullKVCache.init(config, batch, length - 1)
+  _, nll = jax.lax.scan(chunk_nll, cache, (inputs, targets))
+  return nll.mean()
 
 
 def pad_prompts(prompts: list[list[int]], pad_id: int, vocab_size: int):

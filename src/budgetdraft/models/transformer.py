@@ -3,10 +3,12 @@
 `Transformer.__call__(tokens, positions, cache, chunk_mask)` runs any number of new tokens against a
 cache (any `kv_cache.KVCache`): prefill and decode are the same function. Layers are stacked with
 `nn.scan` (one compiled layer, params with a leading `layers` axis), and the cache travels in the
-scan carry so that XLA updates it in place. Applied with `mutable="intermediates"`, the call also
-sows each cached key's attention mass (`key_scores`, [L, B, Hkv, S]), the input of the KV selection
-policies; with `mutable="attention"`, every head's probabilities (`probs`, [L, B, Hkv, G, T, S]),
-which speculative prefill aggregates its own way; otherwise no attention probabilities are formed.
+scan carry so that XLA updates it in place; a pruned model's layers, which differ in shape, are
+unrolled (`UnrolledLayers`, params layers/<l>/...). Applied with `mutable="intermediates"`, the
+call also sows each cached key's attention mass (`key_scores`, [L, B, Hkv, S]), the input of the
+KV selection policies; with `mutable="attention"`, every head's probabilities (`probs`,
+[L, B, Hkv, G, T, S]), which speculative prefill aggregates its own way; otherwise no attention
+probabilities are formed.
 
 A drafter config may add an EAGLE-style feature input (`feature_dim`: `features` [B, T, F] are
 the verifier's hidden states one position earlier, fused with the token embeddings) and a
@@ -17,7 +19,8 @@ Params tree (kernels are [in, out], stacked layers lead with L):
   layers/{q,k,v,o,gate,up,down}_proj/kernel [L, in, out] (+ q/k/v bias when attention_bias);
   final_norm/scale [dim]; lm_head/kernel [dim, V] when embeddings are untied;
   input_proj/{kernel [dim + F, dim], bias} when feature_dim; draft_head/{kernel [dim, Vd],
-  ids [Vd] int32} when draft_vocab.
+  ids [Vd] int32} when draft_vocab. Sown (when asked): intermediates/key_scores and
+  attention/probs, each a one-tuple of the [L, ...] stack.
 """
 
 import flax.linen as nn
@@ -89,10 +92,21 @@ class SubsetHead(nn.Module):
     return logits.at[..., ids].set(scores)
 
 
+def _pad_heads(x, num_heads: int):
+  """x [B, T, h, D] with zero heads appended up to num_heads (a pruned layer's missing heads)."""
+  return jnp.pad(x, ((0, 0), (0, 0), (0, num_heads - x.shape[2]), (0, 0)))
+
+
 class DecoderLayer(nn.Module):
-  """Pre-norm attention + SwiGLU block; called by `nn.scan` with the whole stacked cache in carry."""
+  """Pre-norm attention + SwiGLU block, with the whole stacked cache in its carry.
+
+  Scanned (`index` None, every layer full width) or unrolled (`index` = its layer, whose widths
+  `config.kv_heads_of` / `mlp_dim_of` give). Its output is what the caller sows: `key_scores`
+  [B, Hkv, S] when "intermediates" is mutable, `probs` [B, Hkv, G, T, S] when "attention" is.
+  """
 
   config: ModelConfig
+  index: int | None = None
 
   @nn.compact
   def __call__(self, carry, layer, positions, chunk_mask):
@@ -103,31 +117,60 @@ class DecoderLayer(nn.Module):
     norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.weight_dtype, name=name)
     batch, num_new, _ = x.shape
     inv_freq = rope_inverse_frequencies(c)
+    kv_heads = c.num_kv_heads if self.index is None else c.kv_heads_of(self.index)
+    heads = kv_heads * (c.num_heads // c.num_kv_heads)
+    mlp_dim = c.mlp_dim if self.index is None else c.mlp_dim_of(self.index)
 
     h = norm("attn_norm")(x)
-    q = dense(c.num_heads * c.head_dim, "q_proj", c.attention_bias)(h)
-    k = dense(c.num_kv_heads * c.head_dim, "k_proj", c.attention_bias)(h)
-    v = dense(c.num_kv_heads * c.head_dim, "v_proj", c.attention_bias)(h)
-    q = apply_rope(q.reshape(batch, num_new, c.num_heads, c.head_dim), positions, inv_freq)
-    k = apply_rope(k.reshape(batch, num_new, c.num_kv_heads, c.head_dim), positions, inv_freq)
-    v = v.reshape(batch, num_new, c.num_kv_heads, c.head_dim)
+    if kv_heads:
+      q = dense(heads * c.head_dim, "q_proj", c.attention_bias)(h)
+      k = dense(kv_heads * c.head_dim, "k_proj", c.attention_bias)(h)
+      v = dense(kv_heads * c.head_dim, "v_proj", c.attention_bias)(h)
+      q = apply_rope(q.reshape(batch, num_new, heads, c.head_dim), positions, inv_freq)
+      k = apply_rope(k.reshape(batch, num_new, kv_heads, c.head_dim), positions, inv_freq)
+      v = v.reshape(batch, num_new, kv_heads, c.head_dim)
+    else:  # every head pruned: the layer still fills its cache slot (zeros) and sows its scores
+      q = k = v = jnp.zeros((batch, num_new, 0, c.head_dim), c.dtype)
+    if kv_heads < c.num_kv_heads:  # zero heads up to the cache's width; their output is dropped
+      q, k, v = _pad_heads(q, c.num_heads), _pad_heads(k, c.num_kv_heads), _pad_heads(
+          v, c.num_kv_heads)
 
     cache = cache.write(layer, k, v, positions)
+    sown = {}
     if self.is_mutable_collection("intermediates") or self.is_mutable_collection("attention"):
       attended, probs = cache.attend_with_probs(layer, q, chunk_mask)
       if self.is_mutable_collection("intermediates"):
-        # [B, Hkv, S]: the attention mass each key gets from the group's heads and the new queries.
-        self.sow("intermediates", "key_scores", probs.sum(axis=(2, 3)))
+        # The attention mass each key gets from the group's heads and the new queries.
+        sown["key_scores"] = probs.sum(axis=(2, 3))
       if self.is_mutable_collection("attention"):
-        self.sow("attention", "probs", probs)  # [B, Hkv, G, T, S], for a few queries only
+        sown["probs"] = probs  # for a few queries only
     else:
       attended = cache.attend(layer, q, chunk_mask)
-    x = x + dense(c.dim, "o_proj")(attended.reshape(batch, num_new, -1))
+    if kv_heads:
+      x = x + dense(c.dim, "o_proj")(attended[:, :, :heads].reshape(batch, num_new, -1))
 
-    h = norm("mlp_norm")(x)
-    gated = nn.silu(dense(c.mlp_dim, "gate_proj")(h)) * dense(c.mlp_dim, "up_proj")(h)
-    x = x + dense(c.dim, "down_proj")(gated)
-    return (x, cache), None
+    if mlp_dim:
+      h = norm("mlp_norm")(x)
+      gated = nn.silu(dense(mlp_dim, "gate_proj")(h)) * dense(mlp_dim, "up_proj")(h)
+      x = x + dense(c.dim, "down_proj")(gated)
+    return (x, cache), sown
+
+
+class UnrolledLayers(nn.Module):
+  """The layers of a model whose layers differ in shape (`config.per_layer_widths`), one after
+  the other; same call and output as the scanned stack. Params: layers/<l>/..., unstacked."""
+
+  config: ModelConfig
+
+  @nn.compact
+  def __call__(self, carry, layers, positions, chunk_mask):
+    del layers  # the index of each layer is static here
+    outputs = []
+    for index in range(self.config.num_layers):
+      carry, sown = DecoderLayer(self.config, index, name=str(index))(carry, index, positions,
+                                                                      chunk_mask)
+      outputs.append(sown)
+    return carry, jax.tree.map(lambda *per_layer: jnp.stack(per_layer), *outputs)
 
 
 class Transformer(nn.Module):
@@ -137,10 +180,13 @@ class Transformer(nn.Module):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.dim, dtype=c.dtype, param_dtype=c.weight_dtype,
                           embedding_init=nn.initializers.normal(0.02))
-    self.layers = nn.scan(
-        DecoderLayer, variable_axes={"params": 0, "intermediates": 0, "attention": 0},
-        split_rngs={"params": True}, in_axes=(0, nn.broadcast, nn.broadcast),
-        length=c.num_layers)(c)
+    if c.per_layer_widths:
+      self.layers = UnrolledLayers(c)
+    else:
+      self.layers = nn.scan(
+          DecoderLayer, variable_axes={"params": 0, "intermediates": 0, "attention": 0},
+          split_rngs={"params": True},
+          in_axes=(0, nn.broadcast, nn.broadcast), length=c.num_layers)(c)
     self.final_norm = RMSNorm(c.norm_eps, c.dtype, c.weight_dtype)
     if c.feature_dim:
       self.input_proj = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.weight_dtype)
@@ -165,8 +211,11 @@ class Transformer(nn.Module):
         raise ValueError("this model fuses the verifier's hidden states with its tokens: pass "
                          "features [B, T, feature_dim]")
       x = self.input_proj(jnp.concatenate([x, features.astype(x.dtype)], axis=-1))
-    (x, cache), _ = self.layers((x, cache), jnp.arange(self.config.num_layers), positions,
-                                chunk_mask)
+    (x, cache), sown = self.layers((x, cache), jnp.arange(self.config.num_layers), positions,
+                                   chunk_mask)
+    for collection, name in (("intermediates", "key_scores"), ("attention", "probs")):
+      if name in sown:
+        self.sow(collection, name, sown[name])  # [L, ...]
     return self.final_norm(x), cache.advance(tokens.shape[1])
 
   def logits(self, hidden):

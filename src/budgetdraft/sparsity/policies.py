@@ -37,7 +37,7 @@ def key_scores(config: ModelConfig, params, cache: FullKVCache, tokens, position
   (hidden, cache), sown = Transformer(config).apply(
       {"params": params}, tokens, positions, cache.truncate(positions[:, 0]),
       features=features, mutable="intermediates")
-  return sown["intermediates"]["layers"]["key_scores"][0], hidden, cache
+  return sown["intermediates"]["key_scores"][0], hidden, cache
 
 
 def _last_tokens(prompt, prompt_lengths, count):
@@ -150,7 +150,7 @@ def attention_probs(config: ModelConfig, params, cache: FullKVCache, tokens, pos
   [B, T] over the cache (their own keys (re)written first, as in `key_scores`)."""
   _, sown = Transformer(config).apply({"params": params}, tokens, positions,
                                       cache.truncate(positions[:, 0]), mutable="attention")
-  return sown["attention"]["layers"]["probs"][0]
+  return sown["attention"]["probs"][0]
 
 
 def lookahead_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):

@@ -44,9 +44,11 @@ class TrainConfig:
   split: str = "train"
   seed: int = 0
 
-  drafter: str = "layers"          # drafters.KINDS: "layers" (the verifier's first k blocks) or
-                                   # "eagle" (k fresh blocks fed the verifier's hidden states)
+  drafter: str = "layers"          # drafters.KINDS: "layers" (the verifier's first k blocks),
+                                   # "eagle" (k fresh blocks fed the verifier's hidden states) or
+                                   # "pruned" (the pruned verifier in `pruned_from`)
   drafter_layers: int = 6          # k (the embedding and head are the verifier's, shared)
+  pruned_from: str = ""            # drafter "pruned": experiments/prune.py's output directory
   draft_vocab: int = 0             # > 0: the head scores only the most frequent training tokens
   feature_weight: float = 0.0      # eagle: weight of the smooth-L1 regression on hidden states
   prompt_len: int = 1024           # compression point P inside each training sequence
@@ -89,6 +91,9 @@ class TrainConfig:
       raise ValueError("sparsity.budget must be unset: the views' budgets come from `budgets`")
     if self.drafter not in drafters.KINDS:
       raise ValueError(f"drafter={self.drafter!r}; valid: {', '.join(map(repr, drafters.KINDS))}")
+    if (self.drafter == "pruned") != bool(self.pruned_from):
+      raise ValueError(f"pruned_from={self.pruned_from!r} names the pruned model of drafter="
+                       "'pruned', and only of it")
     if self.draft_vocab < 0 or self.feature_weight < 0:
       raise ValueError(f"draft_vocab={self.draft_vocab} and feature_weight={self.feature_weight} "
                        "must be >= 0")

@@ -224,7 +224,7 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
                                      verifier_config.vocab_size) if config.draft_vocab else None)
   model_config, trainable, shared = drafters.initialize(
       config.drafter, verifier_config, verifier_params, config.drafter_layers, draft_ids,
-      config.seed)
+      config.seed, config.pruned_from)
   optimizer = make_optimizer(config)
   trainable = jax.tree.map(jnp.copy, trainable)  # the step donates its state, not the verifier's
   state = TrainState(step=jnp.zeros((), jnp.int32), data_position=jnp.zeros((), jnp.int32),
@@ -269,5 +269,5 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   if int(state.step) == config.steps and not _exported(drafter_dir, config.steps, verifier):
     drafters.save(drafter_dir, state.params, kind=config.drafter,
                   num_layers=config.drafter_layers, verifier=verifier, steps=config.steps,
-                  draft_ids=draft_ids)
+                  draft_ids=draft_ids, pruned_from=config.pruned_from)
   return history
