@@ -127,6 +127,19 @@ def test_cached_teacher_targets_equal_on_the_fly_and_refuse_other_settings(tiny_
     trainer.train(cached_cfg, config, params, sequences[::-1].copy())
 
 
+def _assert_speculates_like_ar(config, params, drafter_config, drafter_params, sequences):
+  """Greedy speculative decoding with the drafter over a sparse cache equals greedy AR."""
+  prompts = [sequences[0, :40].tolist(), sequences[1, :30].tolist()]
+  expected = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
+                                     max_new_tokens=16, prefill_chunk=16)
+  spec = speculative.SpeculativeConfig(gamma=3, max_new_tokens=16, prefill_chunk=16,
+                                       sparsity=SparsityConfig(budget=16, sinks=2, window=4,
+                                                               recent=4, observation=4))
+  out, _ = speculative.generate(params, drafter_params, prompts, jax.random.key(1),
+                                verifier_config=config, drafter_config=drafter_config, spec=spec)
+  assert out == expected
+
+
 def test_eagle_training_learns_and_its_drafter_decodes_losslessly(tiny_teacher, tmp_path):
   """The EAGLE recipe: a fresh block fed the teacher's hidden states (read back from the cached
   teacher), a 64-id head; both losses fall, and the exported drafter speculates losslessly."""
@@ -143,15 +156,7 @@ def test_eagle_training_learns_and_its_drafter_decodes_losslessly(tiny_teacher, 
   assert (drafter_config.feature_dim, drafter_config.draft_vocab) == (config.dim, 64)
   np.testing.assert_array_equal(drafter_params["draft_head"]["ids"],
                                 drafters.frequent_ids(sequences, 64, config.vocab_size))
-  prompts = [sequences[0, :40].tolist(), sequences[1, :30].tolist()]
-  expected = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
-                                     max_new_tokens=16, prefill_chunk=16)
-  spec = speculative.SpeculativeConfig(gamma=3, max_new_tokens=16, prefill_chunk=16,
-                                       sparsity=SparsityConfig(budget=16, sinks=2, window=4,
-                                                               recent=4, observation=4))
-  out, _ = speculative.generate(params, drafter_params, prompts, jax.random.key(1),
-                                verifier_config=config, drafter_config=drafter_config, spec=spec)
-  assert out == expected
+  _assert_speculates_like_ar(config, params, drafter_config, drafter_params, sequences)
   # The cache holds the hidden states: a second run from it repeats the first exactly.
   again = trainer.train(dataclasses.replace(cfg, workdir=str(tmp_path / "again"), steps=3),
                         config, params, sequences)
@@ -178,15 +183,7 @@ def test_a_pruned_verifier_trains_as_a_drafter_and_decodes_losslessly(tiny_teach
   assert last < 0.9 * first, (first, last)
   drafter_config, drafter_params = drafters.load(f"trained:{tmp_path / 'w'}", config, params)
   assert drafter_config == pruned_config
-  prompts = [sequences[0, :40].tolist(), sequences[1, :30].tolist()]
-  expected = autoregressive.generate(params, prompts, jax.random.key(0), config=config,
-                                     max_new_tokens=16, prefill_chunk=16)
-  spec = speculative.SpeculativeConfig(gamma=3, max_new_tokens=16, prefill_chunk=16,
-                                       sparsity=SparsityConfig(budget=16, sinks=2, window=4,
-                                                               recent=4, observation=4))
-  out, _ = speculative.generate(params, drafter_params, prompts, jax.random.key(1),
-                                verifier_config=config, drafter_config=drafter_config, spec=spec)
-  assert out == expected
+  _assert_speculates_like_ar(config, params, drafter_config, drafter_params, sequences)
 
 
 @pytest.mark.parametrize("overrides, message", [
