@@ -56,9 +56,16 @@ specprefill: data
 	  --config.data_dir=$(DATA_DIR)
 
 # Bonsai (issue 16): prune SmolLM2 to 50/30/15% of its decoder parameters with forward passes only,
-# beside a one-shot magnitude baseline and layer cuts (results/bonsai_smollm2.*).
+# beside a one-shot magnitude baseline and layer cuts (results/bonsai_smollm2.*); then train the
+# Bonsai 50% model further with BudgetDraft (~30 min), put it beside them
+# (results/bonsai_smollm2_trained.*) and decode with it (results/speedup_pruned.*).
 prune: data
 	$(BIN)/python experiments/prune.py --config=configs/prune.py:smollm2 --config.data_dir=$(DATA_DIR)
+	$(BIN)/python experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:pruned \
+	  --config.data_dir=$(DATA_DIR)
+	$(BIN)/python experiments/prune.py --config=configs/prune.py:smollm2_trained \
+	  --config.data_dir=$(DATA_DIR)
+	$(BIN)/python experiments/speedup.py --config=configs/speedup.py:pruned --config.data_dir=$(DATA_DIR)
 
 # Text in, text out: make generate PROMPT_FILE=notes.txt [ARGS="--chat --config.drafter=self"]
 generate: venv

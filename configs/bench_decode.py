@@ -20,5 +20,6 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   config.contexts = (1024, 4096, 8192)  # prompt + generated tokens per measurement
   config.max_new_tokens = 64
   config.prefill_chunk = 512
+  config.gamma = 4                  # the verify step feeds gamma + 1 tokens
   config.hf_peer = True             # HF transformers side by side, where it is installed
   return config

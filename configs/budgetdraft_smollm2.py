@@ -11,7 +11,7 @@ Variants (one trainer; they differ only in the sparse branch):
              over 2000 cached sequences (~2.2 h on 2 cores, + ~50 min for the teacher cache);
   gpu        the multi-view recipe at accelerator scale (4K prompts, 5 budgets, 2000 steps;
              not run yet: no accelerator was lent to this project);
-  pruned     the Bonsai-pruned verifier (issue 16; run experiments/prune.py first) trained further
+  pruned     the Bonsai 50% verifier (issue 16; run experiments/prune.py first) trained further
              with the multi-view recipe, P = 512, C = 256, teacher on the fly.
 The naive / single / multiview variants fit a 2-core machine in about 15 minutes each and share
 one teacher cache; eagle's cache also holds the verifier's hidden states.
@@ -90,7 +90,7 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
     config.checkpoint_every = 50
   elif variant == "pruned":
     config.drafter = "pruned"
-    config.pruned_from = "checkpoints/pruned_smollm2/bonsai-30"
+    config.pruned_from = "checkpoints/pruned_smollm2/bonsai-50"
     config.prompt_len = 512
     config.budgets = (128, 256)
     config.steps = 150

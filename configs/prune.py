@@ -5,23 +5,29 @@ Variants:
            iterative run), the one-shot activation-magnitude baseline and a layer cut of each
            size; then perplexity on held-out books, tokens per verifier call at 4K (greedy, gamma
            4, full cache and SnapKV 256) and draft step ms (~25 min on a 2-core CPU);
+  smollm2_trained
+           smollm2 plus a row for the Bonsai 50% model trained further by BudgetDraft (train it
+           first: experiments/train_drafter.py --config=configs/budgetdraft_smollm2.py:pruned);
   quick    the same at smoke-test scale (one target, few masks, short prompts) for a look.
-Pruned models go to <workdir>/<method>-<percent> (`drafters.load("pruned:<dir>")`); a rerun reuses
-those already there. The table goes to results/bonsai_<variant>.
+`--config.drafters=<source>,...` adds rows for any drafters (drafters.py sources) that run on
+tokens alone. Pruned models go to <workdir>/<method>-<percent> (`drafters.load("pruned:<dir>")`);
+a rerun reuses those already there. The table goes to results/bonsai_<variant>.
 """
 
 import ml_collections
 
+VARIANTS = ("smollm2", "smollm2_trained", "quick")
+
 
 def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
-  if variant not in ("smollm2", "quick"):
-    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, quick")
+  if variant not in VARIANTS:
+    raise ValueError(f"unknown variant {variant!r}; valid: {VARIANTS}")
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.checkpoint = ""            # verifier; "" = the embedded SmolLM2-135M-Instruct GGUF
   config.dataset = "long_books"
   config.data_dir = "data"
-  config.workdir = f"checkpoints/pruned_{variant}"
+  config.workdir = f"checkpoints/pruned_{'quick' if variant == 'quick' else 'smollm2'}"
   config.targets = (0.5, 0.3, 0.15)  # kept fractions of the decoder's parameters
   config.channel_group = 128        # MLP channels per unit (SmolLM2: 12 units per layer)
   config.calibration_sequences = 2  # train-split sequences scoring every sub-model
@@ -37,8 +43,12 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   config.budgets = (256,)           # plus the full cache
   config.sparsity = ml_collections.ConfigDict(
       {"policy": "snapkv", "sinks": 4, "window": 64, "recent": 128})
+  config.drafters = ""              # more rows: comma-separated drafter sources (drafters.py),
+                                    # e.g. trained:checkpoints/budgetdraft_smollm2_pruned
   config.held_out_sequences = 4     # validation-split sequences for perplexity
   config.held_out_length = 1025
+  if variant == "smollm2_trained":
+    config.drafters = "trained:checkpoints/budgetdraft_smollm2_pruned"
   if variant == "quick":
     config.targets = (0.5,)
     config.bonsai.masks_per_step = 8

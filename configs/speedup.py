@@ -6,6 +6,8 @@ Variants:
            temperature 1, beside self-drafting and a layer cut (< 10 min on a 2-core CPU);
   full     4K and 8K, every policy at budgets 256-2048, every verification rule (hours on CPU).
   trained  the drafters trained by experiments/train_drafter.py (run those first) at 4K;
+  pruned   the Bonsai 50% drafter trained by configs/budgetdraft_smollm2.py:pruned (run it first)
+           beside the shipped drafter, as `default` measures them (~6 min);
   paper    BudgetDraft's published protocol (issue 19): greedy, 256 new tokens, 9 prompts (the
            paper's 10 less its warm-up; compilation here is ahead of time and never timed),
            TriForce chunk retrieval at budgets 256-2048 with no eviction of generated tokens, a
@@ -89,6 +91,13 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
     config.rows += [_row(trained("multiview"), "snapkv", budget) for budget in (128, 1024)]
     config.rows += [_row(trained("multiview"))]
     config.rows += [_row(trained("eagle"), "snapkv", 256), _row(trained("eagle"))]
+  elif variant == "pruned":
+    config.contexts = (4096,)
+    config.max_new_tokens = 256
+    config.gamma = 3
+    pruned = "trained:checkpoints/budgetdraft_smollm2_pruned"
+    config.rows = [_row(SHIPPED, "snapkv", 256), _row(pruned, "snapkv", 256),
+                   _row(pruned, "snapkv", 256, gamma=4), _row(pruned)]
   elif variant in ("paper", "paper_quick"):
     gammas = PAPER_GAMMAS if variant == "paper" else (3, 5)
     headroom = max(gammas) + 1  # a last round's whole draft chain fits (prompt_length)
@@ -112,5 +121,5 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
                    _row("layers:4", "snapkv", 1024), _row("layers:4")]
   else:
     raise ValueError(f"unknown speedup variant {variant!r}; valid: default, full, trained, "
-                     "paper, paper_quick, long16k")
+                     "pruned, paper, paper_quick, long16k")
   return config

@@ -2,10 +2,14 @@
 
   python experiments/bench_decode.py --config=configs/bench_decode.py:smollm2
 
-Writes results/bench_decode.{md,json}. The measurement is `budgetdraft.evaluation.decode_speed`;
+Writes results/bench_decode.{md,json} and, for forwards of 1 and gamma + 1 tokens against
+max(bytes / bandwidth, FLOPs / matmul peak), results/bench_decode_forwards.{md,json}. The
+measurement is `budgetdraft.evaluation.decode_speed`;
 with HF transformers installed (`pip install -e .[peers]`), its AR decoding of the same model and
 prompt is measured in the same run (`budgetdraft.evaluation.peers`).
 """
+
+import os
 
 from absl import app, flags, logging
 from ml_collections import config_flags
@@ -24,11 +28,13 @@ def main(argv):
   model = checkpoint_io.load(cfg.checkpoint)
   prompt = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, model.tokenizer,
                                      max(cfg.contexts) - cfg.max_new_tokens, 1)
-  bandwidth = timing.read_bandwidth()
-  logging.info("read bandwidth %.1f GB/s", bandwidth / 1e9)
+  bandwidth, peak = timing.read_bandwidth(), timing.matmul_peak()
+  logging.info("read bandwidth %.1f GB/s, matmul peak %.0f GFLOP/s", bandwidth / 1e9, peak / 1e9)
   rows = decode_speed.decode_speed(model, prompt, list(cfg.contexts),
                                    max_new_tokens=cfg.max_new_tokens,
-                                   prefill_chunk=cfg.prefill_chunk, bandwidth=bandwidth)
+                                   prefill_chunk=cfg.prefill_chunk, bandwidth=bandwidth, peak=peak,
+                                   gamma=cfg.gamma)
+  forwards = [forward for row in rows for forward in row.pop("forwards")]
   if cfg.hf_peer and peers.hf_installed():
     rows += peers.hf_decode_speed(model, prompt, list(cfg.contexts),
                                   max_new_tokens=cfg.max_new_tokens, bandwidth=bandwidth,
@@ -52,7 +58,15 @@ def main(argv):
   columns = [key for key in {**rows[0], **rows[-1]} if key != "tokens"]
   rows = [{key: row.get(key, "") for key in columns} for row in rows]
   print(results.write(path, "AR decode benchmark", rows, notes))
-
+  print(results.write(
+      path + "_forwards", f"A forward of T tokens against its floor (T = 1: an AR step; "
+      f"T = {cfg.gamma + 1}: a verify step at gamma {cfg.gamma})", forwards,
+      f"Same run, model and prompt as {os.path.basename(path)}.md. Each forward (logits "
+      "included) is timed in a compiled loop that rolls the cache back: median of 5 runs of 16 "
+      "forwards. Floor = max(bytes floor, FLOPs floor): bytes floor = (weights + KV at the "
+      f"context) / read bandwidth ({bandwidth / 1e9:.1f} GB/s, best of 5 max-reductions over 1 "
+      f"GiB); FLOPs floor = FLOPs / matmul peak ({peak / 1e9:.0f} GFLOP/s, best of 5 float32 "
+      "1024 x 1024 x 1024 products). GFLOP/s = the forward's FLOPs over its time."))
 
 if __name__ == "__main__":
   app.run(main)

@@ -37,12 +37,23 @@ def main(argv):
   sparsity = SparsityConfig(budget=None, **cfg.sparsity)
   for budget in cfg.budgets:
     sparsity.check_budget(budget)
+  extra_sources = [source for source in cfg.drafters.split(",") if source]
   if (cfg.calibration_length - 1) > 512 and (cfg.calibration_length - 1) % 512:
     raise ValueError(f"calibration_length={cfg.calibration_length}: length - 1 must be <= 512 "
                      "or a multiple of 512")
 
   verifier = checkpoint_io.load(cfg.checkpoint)
   layout = units.Layout(verifier.config, cfg.channel_group)
+  extra = {}  # the extra rows, loaded before any work so that a wrong one fails early
+  for source in extra_sources:
+    config, params = drafters.load(source, verifier.config, verifier.params)
+    if config.feature_dim:
+      raise ValueError(f"drafter {source!r} reads the verifier's hidden states (EAGLE); this "
+                       "table measures drafters that run on tokens alone")
+    kind, value = drafters.check(source)
+    steps = drafters.read_metadata(os.path.join(value, "drafter"))["steps"] if kind == "trained" \
+        else None
+    extra[source if steps is None else f"{source} ({steps} steps)"] = (config, params)
   identity = {"name": verifier.name,
               "fingerprint": checkpoint_io.fingerprint(verifier.config, verifier.params)}
   overrides = config_flags.get_override_values(flags.FLAGS["config"])
@@ -86,6 +97,7 @@ def main(argv):
     cut = max(1, round(target * verifier.config.num_layers))
     models[f"layer cut {percent}% ({cut} layers)"] = drafters.load(
         f"layers:{cut}", verifier.config, verifier.params)
+  models.update(extra)
   prompts = {context: packing.dataset_sequences(
       cfg.dataset, cfg.data_dir, "validation", verifier.tokenizer,
       context - cfg.max_new_tokens - cfg.gamma, cfg.num_prompts) for context in cfg.contexts}
@@ -115,8 +127,9 @@ def main(argv):
       f"{cfg.num_prompts} prompt(s) at context {max(cfg.contexts)}, {cfg.max_new_tokens} greedy "
       f"tokens, gamma {cfg.gamma}, full cache or {sparsity.policy} budget(s) {tuple(cfg.budgets)}"
       f", replayed from one teacher-forced pass along the verifier's greedy path. Step ms: one "
-      f"decode step over the drafter's {sparsity.policy}-{cfg.budgets[0]} cache (the verifier: "
-      "over its full cache), median of 7.")
+      f"decode step, logits included, over the drafter's {sparsity.policy}-{cfg.budgets[0]} "
+      "cache (the verifier: over its full cache), in a compiled loop that writes the cache in "
+      "place as decoding does; median of 7 runs of 16 steps.")
   print(results.write(path, "Bonsai-pruned drafters against a one-shot baseline and layer cuts",
                       rows, notes))
 

@@ -17,7 +17,7 @@ SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", 
                   "sparsity"}
 
 
-@pytest.mark.parametrize("variant", ["default", "full", "trained", "paper", "paper_quick",
+@pytest.mark.parametrize("variant", ["default", "full", "trained", "pruned", "paper", "paper_quick",
                                      "long16k"])
 def test_speedup_variants(variant):
   cfg = speedup.get_config(variant)
@@ -63,7 +63,7 @@ def test_specprefill_variants_build_valid_selections(variant):
   assert all(0 < rate < 1 for rate in cfg.keep_rates) and cfg.scorers
 
 
-@pytest.mark.parametrize("variant", ["smollm2", "quick"])
+@pytest.mark.parametrize("variant", prune.VARIANTS)
 def test_prune_variants_build_valid_bonsai_runs(variant):
   cfg = prune.get_config(variant)
   BonsaiConfig(targets=tuple(cfg.targets), **cfg.bonsai)

@@ -12,7 +12,8 @@ from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.evaluation import (decode_speed, kernel_speed, repetition, results,
-                                    rule_efficiency, speedup)
+                                    rule_efficiency, speedup, timing)
+from budgetdraft.models import prefill
 from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.models.config import RopeScaling, get_config
 from budgetdraft.models.transformer import init_params
@@ -120,6 +121,39 @@ def test_the_verify_loop_repeats_one_verify_step(tiny_verifier):
   total = decode_speed.verify_loop(params, state.cache, state.last_token, config=config, gamma=3,
                                    steps=5)
   np.testing.assert_allclose(total, 5 * p[:, 0, :, 0].sum(), rtol=1e-5)
+
+
+def test_the_forward_loop_repeats_one_teacher_forced_forward(tiny_verifier):
+  """bench_decode's forward timing runs the model's own forward: steps x the checksum of
+  `continuation_logits` from the same cache."""
+  config, params = tiny_verifier.config, tiny_verifier.params
+  cache = prefill.prefill_cache(params, jnp.asarray(_prompts(1, 40)), config=config,
+                                capacity=64, prefill_chunk=32)
+  tokens = jnp.asarray(_prompts(1, 5))
+  logits = prefill.continuation_logits(params, cache, tokens, config=config)
+  looped = decode_speed.forward_loop(params, cache, tokens, config=config, steps=3)
+  np.testing.assert_allclose(looped, 3 * logits.max(-1).sum(), rtol=1e-5)
+
+
+def test_a_forward_floor_is_its_bytes_over_bandwidth_or_its_flops_over_peak(tiny_verifier):
+  config, params = tiny_verifier.config, tiny_verifier.params
+  cache = prefill.prefill_cache(params, jnp.asarray(_prompts(1, 40)), config=config,
+                                capacity=64, prefill_chunk=32)
+  cost = lambda bandwidth, peak: decode_speed.forward_cost(
+      tiny_verifier, cache, jnp.asarray([7]), 40, 5, bandwidth=bandwidth, peak=peak, steps=2,
+      repeats=1)
+  slow_memory, slow_compute = cost(1e6, 1e18), cost(1e18, 1e6)
+  kv = 2 * config.num_layers * config.num_kv_heads * 40 * config.head_dim * 4
+  assert slow_memory["MB read"] == pytest.approx((timing.tree_bytes(params) + kv) / 1e6)
+  flops = (2 * 5 * config.decoder_params()  # weights
+           + 4 * 5 * 40 * config.num_heads * config.head_dim * config.num_layers  # attention
+           + 2 * 5 * config.vocab_size * config.dim)  # head
+  assert sum(slow_compute[f"GFLOP {part}"] for part in ("weights", "attention", "head")) == (
+      pytest.approx(flops / 1e9))
+  for row, floor_ms in ((slow_memory, slow_memory["bytes floor ms"]),
+                        (slow_compute, slow_compute["FLOPs floor ms"])):
+    assert row["x floor"] == pytest.approx(row["forward ms"] / floor_ms)
+  assert slow_compute["FLOPs floor ms"] == pytest.approx(1e3 * flops / 1e6)
 
 
 def test_rule_efficiency_rows_carry_standard_errors(tiny_verifier):

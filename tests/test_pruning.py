@@ -7,7 +7,7 @@ import pytest
 
 from budgetdraft import drafters
 from budgetdraft.decoding import autoregressive, speculative
-from budgetdraft.evaluation.pruning import decoder_params
+from budgetdraft.evaluation import pruning as pruning_eval
 from budgetdraft.models import checkpoint_io
 from budgetdraft.models.config import get_config
 from budgetdraft.models.transformer import init_params
@@ -44,7 +44,7 @@ def test_nothing_pruned_gives_the_verifier(name):
   layout = units.Layout(config, CHANNEL_GROUP)
   pruned_config, pruned_params = units.prune(layout, params, np.ones(layout.size, bool))
   assert pruned_config.per_layer_widths and pruned_config.num_layers == config.num_layers
-  assert decoder_params(pruned_config) == decoder_params(config) == layout.total_params()
+  assert pruned_config.decoder_params() == config.decoder_params() == layout.total_params()
   tokens = _tokens(config)
   np.testing.assert_allclose(full_logits(pruned_config, pruned_params, tokens),
                              full_logits(config, params, tokens), atol=2e-5)
@@ -60,7 +60,7 @@ def test_the_pruned_model_computes_the_masked_sub_model(name):
   keep[layout.slices()["layers"].start + 2] = False  # drop the last layer
   pruned_config, pruned_params = units.prune(layout, params, keep)
   assert pruned_config.num_layers == 2 and pruned_config.layer_kv_heads[0] == 0
-  assert decoder_params(pruned_config) == layout.kept_params(keep)
+  assert pruned_config.decoder_params() == layout.kept_params(keep)
   tokens = _tokens(config)
   masked = units.masked_params(layout, params, keep.astype(np.float32))
   np.testing.assert_allclose(full_logits(pruned_config, pruned_params, tokens),
@@ -206,3 +206,25 @@ def test_the_prior_is_zero_for_absent_units():
     for layer in range(config.num_layers):
       if alive[layer].any():
         np.testing.assert_allclose(values[layer][alive[layer]].mean(), 1.0, rtol=1e-5)
+
+
+def test_the_pruning_table_measures_each_drafter_beside_the_verifier():
+  """One row per drafter after the verifier's: its share of the decoder, its perplexity, its
+  tokens per verifier call at each budget and its step cost against the verifier's."""
+  config, params = _model("tiny")
+  layout = units.Layout(config, CHANNEL_GROUP)
+  verifier = checkpoint_io.Checkpoint(path="tiny", config=config, params=params, tokenizer=None)
+  drafters_ = {"cut": checkpoint_io.take_layers(config, params, 1),
+               "pruned": units.prune(layout, params, _random_keep(layout, 0))}
+  rng = np.random.default_rng(0)
+  rows = pruning_eval.pruning_table(
+      verifier, drafters_, {120: rng.integers(3, 200, (1, 108))}, rng.integers(3, 200, (1, 65)),
+      [24, None], TINY_SPARSITY, gamma=3, max_new_tokens=8, prefill_chunk=32,
+      perplexity_chunk=64)
+  assert [row["drafter"] for row in rows] == ["verifier (reference)", "cut", "pruned"]
+  assert rows[1]["kept"] == pytest.approx(0.5)  # one of two identical layers
+  assert rows[2]["kept"] == pytest.approx(layout.kept_fraction(_random_keep(layout, 0)))
+  for row in rows[1:]:
+    assert 1 <= row["tokens/call 24"] <= 4 and 1 <= row["tokens/call full"] <= 4
+    assert 0 <= row["sum min(p,q) full"] <= 1 and row["perplexity"] > 1
+    assert row["step / verifier step"] == pytest.approx(row["step ms"] / rows[0]["step ms"])

@@ -4,6 +4,9 @@ A decode step must read every weight and the valid part of the KV cache once, so
 floor = (weight bytes + KV bytes) / measured read bandwidth; `x floor` is how far a step is from it.
 The verify step of speculative decoding (gamma + 1 tokens in one forward) reads the same bytes at
 batch 1; `verify / AR` is its time over an AR step's, both timed inside a compiled loop.
+`forward_cost` puts a forward of T tokens against max(bytes / bandwidth, FLOPs / matmul peak),
+with its FLOPs split into weights, attention and head: why a verify step costs more than an AR
+step that reads the same bytes.
 """
 
 import functools
@@ -17,6 +20,9 @@ from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.evaluation import timing
 from budgetdraft.models.checkpoint_io import Checkpoint
+from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.kv_cache import FullKVCache
+from budgetdraft.models.transformer import Transformer
 
 
 @functools.partial(jax.jit, static_argnames=("config", "gamma", "steps"))
@@ -36,13 +42,62 @@ def verify_loop(params, cache, last, *, config, gamma: int, steps: int):
   return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(())))[1]
 
 
+@functools.partial(jax.jit, static_argnames=("config", "steps"))
+def forward_loop(params, cache, tokens, *, config: ModelConfig, steps: int):
+  """`steps` forwards (logits included) of tokens [B, T] after the cache's prefix in one compiled
+  loop, each rolled back (the cache is written in place, as decoding writes it). Returns a
+  checksum of every row's logits, so that nothing is left uncomputed."""
+  model = Transformer(config)
+  root = cache.length
+  positions = root[:, None] + jnp.arange(tokens.shape[1])[None, :]
+
+  def body(_, carry):
+    cache, total = carry
+    hidden, cache = model.apply({"params": params}, tokens, positions, cache.truncate(root))
+    logits = model.apply({"params": params}, hidden, method=Transformer.logits)
+    return cache, total + logits.max(-1).sum()
+
+  return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(())))[1]
+
+
+def forward_cost(model: Checkpoint, cache: FullKVCache, token, context: int, num_tokens: int,
+                 *, bandwidth: float, peak: float, steps: int = 16, repeats: int = 5) -> dict:
+  """A forward of `num_tokens` tokens after `cache` (`context` positions) against its floor.
+
+  The forward (logits included) is timed in `forward_loop` (median of `repeats` runs of `steps`).
+  Its FLOPs are split into the weight matmuls, the attention over the cache and the head; its
+  floor is max(bytes read / bandwidth, FLOPs / peak): one AR step is bound by the bytes, a verify
+  step at long context could be by the FLOPs, and GFLOP/s says how far either runs from `peak`.
+  """
+  config, params = model.config, model.params
+  tokens = jnp.broadcast_to(token[:, None], (token.shape[0], num_tokens))
+  loop = timing.compiled(forward_loop, params, cache, tokens, config=config, steps=steps)
+  _, times = timing.repeated(loop, lambda: (params, cache, tokens), repeats)
+  seconds = times[len(times) // 2] / steps
+  head_rows = config.draft_vocab or config.vocab_size
+  flops = {"weights": 2 * num_tokens * config.decoder_params(),
+           "attention": 4 * num_tokens * context * config.num_heads * config.head_dim
+                        * config.num_layers,
+           "head": 2 * num_tokens * head_rows * config.dim}
+  num_bytes = timing.tree_bytes(params) + kv_bytes(config, context, config.dtype.itemsize)
+  floor = max(num_bytes / bandwidth, sum(flops.values()) / peak)
+  row = {"context": context, "tokens T": num_tokens, "forward ms": 1e3 * seconds,
+         **{f"GFLOP {name}": value / 1e9 for name, value in flops.items()},
+         "MB read": num_bytes / 1e6, "bytes floor ms": 1e3 * num_bytes / bandwidth,
+         "FLOPs floor ms": 1e3 * sum(flops.values()) / peak, "x floor": seconds / floor,
+         "GFLOP/s": sum(flops.values()) / seconds / 1e9}
+  logging.info("%s", row)
+  return row
+
+
 def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_new_tokens: int,
-                 prefill_chunk: int, bandwidth: float, repeats: int = 5,
-                 gamma: int = 4) -> list[dict]:
+                 prefill_chunk: int, bandwidth: float, repeats: int = 5, gamma: int = 4,
+                 peak: float | None = None) -> list[dict]:
   """One row per context; prompt_tokens [1, >= max(contexts) - max_new_tokens] are cut per row.
 
   The decode loop runs `repeats` times: ms/step is the median, with the spread beside it. Each row
-  holds the greedy `tokens` (to compare with a peer's).
+  holds the greedy `tokens` (to compare with a peer's) and, given the matmul `peak` (FLOP/s),
+  `forwards`: `forward_cost` rows for 1 and gamma + 1 tokens.
   """
   config, params = model.config, model.params
   weight_bytes = timing.tree_bytes(params)
@@ -69,8 +124,12 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
                              steps=max_new_tokens)
     _, verify_times = timing.repeated(verify, lambda: verify_args, repeats)
     verify_ms = 1e3 * verify_times[len(verify_times) // 2] / max_new_tokens
-    rows.append({**row, f"verify({gamma + 1}) ms": verify_ms,
-                 "verify / AR": verify_ms / row["ms/step"]})
+    row = {**row, f"verify({gamma + 1}) ms": verify_ms, "verify / AR": verify_ms / row["ms/step"]}
+    if peak is not None:
+      row["forwards"] = [forward_cost(model, state.cache, state.last_token, context, t,
+                                      bandwidth=bandwidth, peak=peak, repeats=repeats)
+                         for t in (1, gamma + 1)]
+    rows.append(row)
   return rows
 
 

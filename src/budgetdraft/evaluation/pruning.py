@@ -11,38 +11,28 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from budgetdraft.evaluation import acceptance, timing
+from budgetdraft.evaluation import acceptance, decode_speed, timing
 from budgetdraft.models import prefill
 from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.sparsity import selection
 
 
-def decoder_params(config: ModelConfig) -> int:
-  """Parameters of the decoder blocks (the embedding, head and final norm excluded)."""
-  head_dim, group = config.head_dim, config.num_heads // config.num_kv_heads
-  total = 0
-  for layer in range(config.num_layers):
-    heads, mlp = config.kv_heads_of(layer), config.mlp_dim_of(layer)
-    total += heads * (2 * config.dim * group * head_dim + 2 * config.dim * head_dim)
-    total += heads * (group + 2) * head_dim if config.attention_bias else 0
-    total += 3 * config.dim * mlp + 2 * config.dim
-  return total
-
-
 def step_seconds(config: ModelConfig, params, prompt, sparsity, *, gamma: int, prefill_chunk: int,
-                 repeats: int = 7) -> float:
-  """Median wall seconds of one decode step (one new token) after the prompt [1, P], over the
-  sparse cache that `sparsity` builds (None: the full cache)."""
+                 repeats: int = 7, steps: int = 16) -> float:
+  """Median wall seconds of one decode step (one new token, logits included) after the prompt
+  [1, P], over the sparse cache that `sparsity` builds (None: the full cache). Timed as decoding
+  pays it: a compiled loop writing the cache in place (`decode_speed.forward_loop`)."""
   cache = prefill.prefill_cache(params, prompt, config=config, capacity=prompt.shape[1] + 64,
                                 prefill_chunk=prefill_chunk)
   if sparsity is not None:
     cache = acceptance.sparse_cache(config, params, cache, prompt, cache.length, sparsity, gamma,
                                      jax.random.key(0))
   token = prompt[:, -1:]
-  step = timing.compiled(prefill.continuation_logits, params, cache, token, config=config)
-  _, seconds = timing.timed_with_fresh_args(step, lambda: (params, cache, token), repeats)
-  return seconds
+  loop = timing.compiled(decode_speed.forward_loop, params, cache, token, config=config,
+                         steps=steps)
+  _, seconds = timing.timed_with_fresh_args(loop, lambda: (params, cache, token), repeats)
+  return seconds / steps
 
 
 def pruning_table(verifier: Checkpoint, drafters: dict, prompts: dict, held_out, budgets: list,
@@ -63,15 +53,15 @@ def pruning_table(verifier: Checkpoint, drafters: dict, prompts: dict, held_out,
   timed_budget = next(b for b in budgets if b is not None)
   verifier_step = step_seconds(verifier.config, verifier.params, prompt, None, gamma=gamma,
                                prefill_chunk=prefill_chunk)
-  total = decoder_params(verifier.config)
+  total = verifier.config.decoder_params()
   rows = [{"drafter": "verifier (reference)", "decoder params M": total / 1e6,
            "kept": 1.0, "perplexity": float(np.exp(nll(verifier.config, verifier.params))),
            **{f"tokens/call {b or 'full'}": float("nan") for b in budgets},
            **{f"sum min(p,q) {b or 'full'}": float("nan") for b in budgets},
            "step ms": verifier_step * 1e3, "step / verifier step": 1.0}]
   for label, (config, params) in drafters.items():
-    row = {"drafter": label, "decoder params M": decoder_params(config) / 1e6,
-           "kept": decoder_params(config) / total,
+    row = {"drafter": label, "decoder params M": config.decoder_params() / 1e6,
+           "kept": config.decoder_params() / total,
            "perplexity": float(np.exp(nll(config, params)))}
     for measured in accepted:
       if measured["drafter"] == label and measured["context"] == context:

@@ -49,6 +49,16 @@ def read_bandwidth(num_bytes: int = 1024 * 2**20, repeats: int = 5) -> float:
   return num_bytes / times[0]  # the best read: other work on a shared machine only slows it
 
 
+def matmul_peak(size: int = 1024, repeats: int = 5) -> float:
+  """Measured float32 matmul throughput (FLOP/s): the best of `repeats` products of two square
+  [size, size] matrices, the ceiling that a forward of many tokens could reach."""
+  a = jnp.ones((size, size), jnp.float32)
+  product = compiled(jax.jit(lambda a, b: a @ b), a, a)
+  product(a, a).block_until_ready()
+  _, times = repeated(product, lambda: (a, a), repeats)
+  return 2 * size ** 3 / times[0]
+
+
 def tree_bytes(tree) -> int:
   return sum(x.nbytes for x in jax.tree.leaves(tree))
 

@@ -80,6 +80,18 @@ class ModelConfig:
   def mlp_dim_of(self, layer: int) -> int:
     return self.layer_mlp_dims[layer] if self.layer_mlp_dims else self.mlp_dim
 
+  def decoder_params(self) -> int:
+    """Parameters of the decoder blocks (the embedding, head and final norm excluded): what one
+    token's forward multiplies by, twice in FLOPs."""
+    group = self.num_heads // self.num_kv_heads
+    total = 0
+    for layer in range(self.num_layers):
+      heads, mlp = self.kv_heads_of(layer), self.mlp_dim_of(layer)
+      total += heads * (2 * self.dim * group * self.head_dim + 2 * self.dim * self.head_dim)
+      total += heads * (group + 2) * self.head_dim if self.attention_bias else 0
+      total += 3 * self.dim * mlp + 2 * self.dim
+    return total
+
   @property
   def dtype(self):
     return jnp.dtype(self.compute_dtype)
