@@ -183,6 +183,9 @@ def test_a_pruned_verifier_trains_as_a_drafter_and_decodes_losslessly(tiny_teach
   assert last < 0.9 * first, (first, last)
   drafter_config, drafter_params = drafters.load(f"trained:{tmp_path / 'w'}", config, params)
   assert drafter_config == pruned_config
+  assert pruned_config.num_layers != cfg.drafter_layers  # the metadata records the model's own
+  assert drafters.read_metadata(str(tmp_path / "w" / "drafter"))["num_layers"] == (
+      pruned_config.num_layers)
   _assert_speculates_like_ar(config, params, drafter_config, drafter_params, sequences)
 
 

@@ -268,6 +268,6 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   drafter_dir = os.path.join(workdir, "drafter")
   if int(state.step) == config.steps and not _exported(drafter_dir, config.steps, verifier):
     drafters.save(drafter_dir, state.params, kind=config.drafter,
-                  num_layers=config.drafter_layers, verifier=verifier, steps=config.steps,
+                  num_layers=model_config.num_layers, verifier=verifier, steps=config.steps,
                   draft_ids=draft_ids, pruned_from=config.pruned_from)
   return history
