@@ -79,13 +79,13 @@ def forward_cost(model: Checkpoint, cache: FullKVCache, token, context: int, num
            "attention": 4 * num_tokens * context * config.num_heads * config.head_dim
                         * config.num_layers,
            "head": 2 * num_tokens * head_rows * config.dim}
-  num_bytes = timing.tree_bytes(params) + kv_bytes(config, context, config.dtype.itemsize)
-  floor = max(num_bytes / bandwidth, sum(flops.values()) / peak)
+  num_bytes, total_flops = step_bytes(config, params, context), sum(flops.values())
+  floor = max(num_bytes / bandwidth, total_flops / peak)
   row = {"context": context, "tokens T": num_tokens, "forward ms": 1e3 * seconds,
          **{f"GFLOP {name}": value / 1e9 for name, value in flops.items()},
          "MB read": num_bytes / 1e6, "bytes floor ms": 1e3 * num_bytes / bandwidth,
-         "FLOPs floor ms": 1e3 * sum(flops.values()) / peak, "x floor": seconds / floor,
-         "GFLOP/s": sum(flops.values()) / seconds / 1e9}
+         "FLOPs floor ms": 1e3 * total_flops / peak, "x floor": seconds / floor,
+         "GFLOP/s": total_flops / seconds / 1e9}
   logging.info("%s", row)
   return row
 
@@ -100,7 +100,6 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
   `forwards`: `forward_cost` rows for 1 and gamma + 1 tokens.
   """
   config, params = model.config, model.params
-  weight_bytes = timing.tree_bytes(params)
   static = dict(config=config, sampling=SamplingConfig(), eos_id=None, pad_id=0)
   rows = []
   for context in contexts:
@@ -117,7 +116,7 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
         f"budgetdraft (jax {jax.__version__}, {jax.devices()[0].platform})", context=context,
         prompt_len=prompt_len, prefill_s=prefill_s, decode_times=decode_times,
         steps=int(final.step) - 1,  # the first token came from prefill
-        floor_bytes=weight_bytes + kv_bytes(config, context, config.dtype.itemsize),
+        floor_bytes=step_bytes(config, params, context),
         bandwidth=bandwidth, tokens=[int(t) for t in final.tokens[0]])
     verify_args = (params, state.cache, state.last_token)
     verify = timing.compiled(verify_loop, *verify_args, config=config, gamma=gamma,
@@ -131,6 +130,11 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
                          for t in (1, gamma + 1)]
     rows.append(row)
   return rows
+
+
+def step_bytes(config, params, context: int) -> int:
+  """Bytes a decode step at `context` tokens reads at least: every weight and the KV cache."""
+  return timing.tree_bytes(params) + kv_bytes(config, context, config.dtype.itemsize)
 
 
 def kv_bytes(config, context: int, itemsize: int) -> int:

@@ -80,17 +80,18 @@ class ModelConfig:
   def mlp_dim_of(self, layer: int) -> int:
     return self.layer_mlp_dims[layer] if self.layer_mlp_dims else self.mlp_dim
 
+  def kv_head_params(self) -> int:
+    """Parameters of one KV head with its query group: q, k, v and o projections (+ biases)."""
+    group = self.num_heads // self.num_kv_heads
+    weights = 2 * self.dim * group * self.head_dim + 2 * self.dim * self.head_dim
+    return weights + ((group + 2) * self.head_dim if self.attention_bias else 0)
+
   def decoder_params(self) -> int:
     """Parameters of the decoder blocks (the embedding, head and final norm excluded): what one
-    token's forward multiplies by, twice in FLOPs."""
-    group = self.num_heads // self.num_kv_heads
-    total = 0
-    for layer in range(self.num_layers):
-      heads, mlp = self.kv_heads_of(layer), self.mlp_dim_of(layer)
-      total += heads * (2 * self.dim * group * self.head_dim + 2 * self.dim * self.head_dim)
-      total += heads * (group + 2) * self.head_dim if self.attention_bias else 0
-      total += 3 * self.dim * mlp + 2 * self.dim
-    return total
+    token's forward multiplies by, twice in FLOPs. Per layer: its KV heads, 3 weights per MLP
+    channel (gate, up, down) and its two norms."""
+    return sum(self.kv_heads_of(layer) * self.kv_head_params() + 3 * self.dim
+               * self.mlp_dim_of(layer) + 2 * self.dim for layer in range(self.num_layers))
 
   @property
   def dtype(self):

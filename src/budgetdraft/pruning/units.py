@@ -78,11 +78,9 @@ class Layout:
 
   def unit_params(self) -> np.ndarray:
     """[N] parameters each unit holds on its own (a layer: its two norms)."""
-    c, g = self.config, self.group_size
-    head = 2 * c.dim * g * c.head_dim + 2 * c.dim * c.head_dim
-    if c.attention_bias:
-      head += (g + 2) * c.head_dim
-    per_kind = {"heads": head, "channels": 3 * c.dim * self.channel_group, "layers": 2 * c.dim}
+    c = self.config
+    per_kind = {"heads": c.kv_head_params(), "channels": 3 * c.dim * self.channel_group,
+                "layers": 2 * c.dim}
     return np.concatenate([np.full(self.counts[k], per_kind[k], np.int64) for k in KINDS])
 
   def present(self, keep) -> np.ndarray:
