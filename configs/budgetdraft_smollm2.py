@@ -9,6 +9,9 @@ Variants (one trainer; they differ only in the sparse branch):
              hidden states (EAGLE) and a head over the 8192 most frequent training tokens, trained
              with the multi-view recipe + a hidden-state regression, P = C = 512, 4400 steps
              over 2000 cached sequences (~2.2 h on 2 cores, + ~50 min for the teacher cache);
+             `--config.self_fed_weight=1.0` adds a pass fed its own hidden states (EAGLE-3's
+             training-time test); 1000 such steps on top did not change tokens per call
+             (results/eagle_self_fed.md);
   gpu        the multi-view recipe at accelerator scale (4K prompts, 5 budgets, 2000 steps;
              not run yet: no accelerator was lent to this project);
   pruned     the Bonsai 50% verifier (issue 16; run experiments/prune.py first) trained further
@@ -40,6 +43,7 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
   config.pruned_from = ""         # drafter "pruned": a directory written by experiments/prune.py
   config.draft_vocab = 0          # > 0: a head over the most frequent training tokens only
   config.feature_weight = 0.0     # eagle: hidden-state regression weight
+  config.self_fed_weight = 0.0    # eagle: loss weight of a pass fed its own hidden states
   config.prompt_len = 1024        # compression point P inside each training sequence
   config.continuation = 256       # C positions after P carry the losses
   config.batch_size = 1

@@ -56,6 +56,8 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   config.gamma = 4
   config.temperature = 0.0
   config.prefill_chunk = 512
+  config.mesh = ""              # "data=4,model=2" (parallel.make_mesh); "" = every device on
+                                # data when there are several, else none
   # SparsityConfig fields shared by every row (a row sets the policy and the budget).
   config.sparsity = ml_collections.ConfigDict({"sinks": 4, "window": 64, "recent": 128})
   if variant == "default":

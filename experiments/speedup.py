@@ -3,15 +3,18 @@
   python experiments/speedup.py --config=configs/speedup.py:default
 
 Writes results/speedup_<variant>.{md,csv,json,png} (a run with overrides: speedup_<variant>-<hash>;
-see `evaluation.results.output_path`). The measurement is `budgetdraft.evaluation.speedup`.
+see `evaluation.results.output_path`). The measurement is `budgetdraft.evaluation.speedup`. With
+several devices both models run on `--config.mesh` (default: every device on `data`), e.g.
+`--config.mesh=data=1,model=2` for tensor parallelism at batch 1.
 """
 
 import dataclasses
 
-from absl import app, flags
+from absl import app, flags, logging
+import jax
 from ml_collections import config_flags
 
-from budgetdraft import drafters
+from budgetdraft import drafters, parallel
 from budgetdraft.data import packing
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
@@ -39,6 +42,9 @@ def main(argv):
   for variant in variants:
     drafters.check(variant.drafter)
   prompt_lengths = {context: speedup.prompt_length(context, variants) for context in cfg.contexts}
+  mesh = parallel.make_mesh(cfg.mesh) if cfg.mesh or jax.device_count() > 1 else None
+  if mesh is not None:
+    logging.info("decoding on mesh %s", dict(mesh.shape))
   verifier = checkpoint_io.load(cfg.checkpoint)
   if max(cfg.contexts) > verifier.config.max_context:
     raise ValueError(f"context {max(cfg.contexts)} exceeds the verifier's context of "
@@ -47,7 +53,7 @@ def main(argv):
   prompts = {context: packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split,
                                                 verifier.tokenizer, length, cfg.num_prompts)
              for context, length in prompt_lengths.items()}
-  rows = speedup.speedup(verifier, prompts, variants)
+  rows = speedup.speedup(verifier, prompts, variants, mesh)
 
   path = results.output_path(_RESULTS_DIR.value, f"speedup_{cfg.variant}",
                              config_flags.get_override_values(flags.FLAGS["config"]))

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from budgetdraft.decoding import autoregressive
-from budgetdraft.decoding.sampling import SamplingConfig, probabilities
+from budgetdraft.decoding.sampling import SamplingConfig, probabilities, sample
 from tests.test_transformer import full_logits
 
 
@@ -119,3 +119,14 @@ def test_zero_new_tokens_is_an_error(tiny_model):
   with pytest.raises(ValueError, match="max_new_tokens=0"):
     autoregressive.generate(params, [[1, 2, 3]], jax.random.key(0), config=config,
                             max_new_tokens=0)
+
+
+def test_a_greedy_sample_is_the_draw_of_its_one_hot_rows():
+  """Under a greedy config `sample` skips the random draw; the token is the one a draw gives."""
+  logits = jax.random.normal(jax.random.key(0), (6, 300)) * 3
+  greedy = SamplingConfig(temperature=0.0)
+  one_hot = probabilities(logits, greedy)
+  for seed in range(3):
+    drawn = sample(jax.random.key(seed), one_hot)
+    np.testing.assert_array_equal(sample(jax.random.key(seed), one_hot, greedy), drawn)
+  np.testing.assert_array_equal(drawn, jnp.argmax(logits, -1))

@@ -20,6 +20,7 @@ def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
     ("speedup.py", ["--config.contexts=(64,)"], "context 64 leaves no prompt"),
     ("speedup.py", ["--config.sparsity.window=600"], "below sinks \\+ window"),
     ("speedup.py", ["--config.max_new_tokens=0"], "max_new_tokens=0 must be >= 1"),
+    ("speedup.py", ["--config.mesh=data=3"], "needs 3 devices"),
     ("rule_efficiency.py", ["--config.rules=(('block', 2),)"], "verifies one path"),
     ("acceptance_vs_budget.py", ["--config.budgets=(16,)"], "below sinks \\+ window"),
     ("speedup.py", ["--config=configs/speedup.py:trained"], "holds no trained drafter"),

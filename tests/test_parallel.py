@@ -104,7 +104,27 @@ def _sharded_run() -> dict:
   final = autoregressive.decode(placed, parallel.place_state(mesh, state, 4), **static)
   spec = lambda x: list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
   out["cache"] = {"k": spec(final.cache.k), "length": spec(final.cache.length)}
+  out["speedup"] = _speedup_rows(params, config, {"unsharded": None, "data=4,model=2": mesh})
   return out
+
+
+def _speedup_rows(params, config, meshes: dict) -> dict:
+  """The speedup experiment's measurement (greedy, a 1-layer cut over SnapKV) on each mesh: its
+  `= AR` check and tokens per call."""
+  import numpy as np
+  from budgetdraft.decoding.speculative import SpeculativeConfig
+  from budgetdraft.evaluation import speedup
+  from budgetdraft.models.checkpoint_io import Checkpoint
+  from budgetdraft.sparsity.selection import SparsityConfig
+
+  verifier = Checkpoint(path="tiny", config=config, params=params, tokenizer=None)
+  variants = [speedup.Variant("layers:1", SpeculativeConfig(
+      gamma=3, max_new_tokens=12, prefill_chunk=32,
+      sparsity=SparsityConfig(policy="snapkv", budget=40, window=8, recent=16)))]
+  prompt = np.random.default_rng(0).integers(3, 200, (1, speedup.prompt_length(160, variants)))
+  rows = {name: speedup.speedup(verifier, {160: prompt}, variants, mesh)[0]
+          for name, mesh in meshes.items()}
+  return {name: [row["= AR"], row["tokens/call"]] for name, row in rows.items()}
 
 
 def _training_run() -> dict:
@@ -203,6 +223,14 @@ def test_sharded_decoding_equals_unsharded(sharded):
     assert sharded[mesh]["ar"] == sharded["ar"], mesh
     assert sharded[mesh]["spec"] == sharded["spec"], mesh
   assert sharded["ar"] == sharded["spec"]  # greedy speculative = greedy AR
+
+
+def test_the_speedup_experiment_measures_the_same_decoding_on_a_mesh(sharded):
+  """`speedup.speedup(..., mesh)` (experiments/speedup.py --config.mesh): greedy tokens equal AR's
+  on the mesh too, and the rounds (tokens per verifier call) are the unsharded run's."""
+  rows = sharded["speedup"]
+  assert rows["data=4,model=2"][0] == rows["unsharded"][0] == "yes"
+  assert rows["data=4,model=2"][1] == rows["unsharded"][1]
 
 
 def test_arrays_are_laid_out_by_the_rules_table(sharded):

@@ -142,14 +142,16 @@ def _assert_speculates_like_ar(config, params, drafter_config, drafter_params, s
 
 def test_eagle_training_learns_and_its_drafter_decodes_losslessly(tiny_teacher, tmp_path):
   """The EAGLE recipe: a fresh block fed the teacher's hidden states (read back from the cached
-  teacher), a 64-id head; both losses fall, and the exported drafter speculates losslessly."""
+  teacher), a 64-id head, and a self-fed pass (its own states); every loss falls, and the exported
+  drafter speculates losslessly."""
   config, params = tiny_teacher
   sequences = _sequences(config.vocab_size)
-  cfg = _config("eagle", steps=150, log_every=50, checkpoint_every=150, workdir=str(tmp_path / "w"))
+  cfg = _config("eagle", steps=150, log_every=50, checkpoint_every=150, self_fed_weight=1.0,
+                workdir=str(tmp_path / "w"))
   cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(
       cfg.teacher, cache_dir=str(tmp_path / "teacher")))
   history = trainer.train(cfg, config, params, sequences)
-  for key in ("full", "feature"):
+  for key in ("full", "feature", "self_fed"):
     first, last = _mean(history, key, slice(0, 10)), _mean(history, key, slice(-10, None))
     assert last < 0.8 * first, (key, first, last)
   drafter_config, drafter_params = drafters.load(f"trained:{tmp_path / 'w'}", config, params)
@@ -194,6 +196,8 @@ def test_a_pruned_verifier_trains_as_a_drafter_and_decodes_losslessly(tiny_teach
     (dict(drafter="pruned"), "pruned_from=''"),
     (dict(num_sequences=-1), "num_sequences=-1"),
     (dict(feature_weight=1.0), "drafter='eagle' only"),
+    (dict(self_fed_weight=1.0), "drafter='eagle' only"),
+    (dict(drafter="eagle", self_fed_weight=-1.0), "self_fed_weight=-1.0"),
     (dict(budgets=()), "budget list is empty"),
     (dict(budgets=(4, 16)), "below sinks \\+ window"),
     (dict(sparse_weight=-0.5), "lambda"),

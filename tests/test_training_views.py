@@ -162,3 +162,42 @@ def test_views_on_the_pallas_kernel_equal_the_jnp_views_with_their_gradients(tin
   assert "pallas_call" in str(jax.make_jaxpr(lambda p: loss(p, pallas))(params))
   for a, e in zip(jax.tree.leaves(actual_grads), jax.tree.leaves(expected_grads)):
     np.testing.assert_allclose(a, e, atol=2e-3, rtol=2e-3)
+
+
+def test_a_self_fed_pass_is_what_the_second_draft_step_computes(tiny_model):
+  """The EAGLE drafter's second draft step is fed its own hidden state from the step before; the
+  self-fed pass feeds it the same, so at the continuation's second position (whose keys before it
+  were all fed the verifier's states, as in decoding) its logits are that draft step's."""
+  config, params = tiny_model
+  config, trainable, shared = drafters.initialize("eagle", config, params, 2)
+  params = {**shared, **trainable}
+  model = Transformer(config)
+  features = jax.random.normal(jax.random.key(4), (2, PROMPT_LEN + NUM_NEW, config.dim))
+  tokens = jax.random.randint(jax.random.key(1), (2, PROMPT_LEN + NUM_NEW), 0, config.vocab_size)
+  sparsity = selection.SparsityConfig(policy="snapkv", budget=None, sinks=2, window=4, recent=6)
+  cache, keeps = views.prompt_views(config, params, tokens, PROMPT_LEN, jnp.array([12]), sparsity,
+                                    jax.random.key(0), features)
+  continuation, fed = tokens[:, PROMPT_LEN:], features[:, PROMPT_LEN:]
+  hidden, logits = views.branch_outputs(config, params, cache, continuation, keeps, 8, fed)
+  own = views.self_fed_features(fed, hidden)
+  np.testing.assert_array_equal(own[:, :, 0], jnp.broadcast_to(fed[:, 0], own[:, :, 0].shape))
+  np.testing.assert_array_equal(own[:, :, 1:], hidden[:, :, :-1])
+  _, self_fed_logits = views.branch_outputs(config, params, cache, continuation, keeps, 8, own)
+
+  # Decoding: the verifier's states up to the first continuation position, then the draft step.
+  first = PROMPT_LEN + 1
+  positions = jnp.broadcast_to(jnp.arange(first), (2, first))
+  prefix_hidden, full_cache = model.apply(
+      {"params": params}, tokens[:, :first], positions,
+      FullKVCache.init(config, 2, tokens.shape[1]), features=features[:, :first])
+  step_hidden, _ = model.apply({"params": params}, tokens[:, first:first + 1],
+                               jnp.full((2, 1), first), full_cache,
+                               features=prefix_hidden[:, -1:])
+  step_logits = model.apply({"params": params}, step_hidden[:, 0], method=Transformer.logits)
+  np.testing.assert_allclose(self_fed_logits[0, :, 1], step_logits, atol=2e-4)
+  assert float(jnp.abs(self_fed_logits[0, :, 1] - logits[0, :, 1]).max()) > 1e-2  # not vacuous
+  # The fed states are inputs, not a path for gradients.
+  gradient = jax.grad(lambda h: views.self_fed_features(fed, h).sum())(hidden)
+  assert not np.any(np.asarray(gradient))
+  with pytest.raises(ValueError, match="one width"):
+    views.self_fed_features(fed[..., :4], hidden)

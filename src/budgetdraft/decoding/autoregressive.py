@@ -30,7 +30,7 @@ class DecodeState:
 def _emit(state: DecodeState, logits, sampling, eos_id, pad_id) -> DecodeState:
   """Samples one token per row and records it; rows past EOS record pad_id."""
   rng, step_rng = jax.random.split(state.rng)
-  token = sampling_lib.sample(step_rng, sampling_lib.probabilities(logits, sampling))
+  token = sampling_lib.sample(step_rng, sampling_lib.probabilities(logits, sampling), sampling)
   token = jnp.where(state.done, pad_id, token)
   tokens = state.tokens.at[:, state.step].set(token)
   num_emitted = state.num_emitted + (~state.done).astype(jnp.int32)

@@ -42,6 +42,11 @@ def probabilities(logits, sampling: SamplingConfig):
   return probs
 
 
-def sample(rng, probs):
-  """One token per row from [..., V] probabilities (exactly the argmax for one-hot rows)."""
+def sample(rng, probs, sampling: SamplingConfig | None = None):
+  """One token per row from [..., V] probabilities (exactly the argmax for one-hot rows).
+
+  probs from `probabilities` under a greedy `sampling` are one-hot: their argmax is then taken
+  without drawing V random numbers per row (the same token, cheaper in a decode step)."""
+  if sampling is not None and sampling.greedy:
+    return jnp.argmax(probs, axis=-1).astype(jnp.int32)
   return jax.random.categorical(rng, jnp.log(probs), axis=-1).astype(jnp.int32)

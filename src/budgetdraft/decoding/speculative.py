@@ -199,7 +199,8 @@ def begin(drafter_params, logits, verifier_cache: FullKVCache, drafter_cache: Fu
     raise ValueError(f"prefilled caches hold {verifier_cache.capacity} positions; this spec "
                      f"needs {needed}")
   rng, first_rng, policy_rng = jax.random.split(rng, 3)
-  first = sampling_lib.sample(first_rng, sampling_lib.probabilities(logits, spec.sampling))
+  first = sampling_lib.sample(first_rng, sampling_lib.probabilities(logits, spec.sampling),
+                               spec.sampling)
   if spec.sparsity is not None:
     features = None if not drafter_config.feature_dim else feature_inputs(verifier_hidden)
     drafter_cache = selection.sparse_cache(drafter_config, drafter_params, drafter_cache, prompt,
@@ -256,7 +257,7 @@ def _draft(drafter_config: ModelConfig, drafter_params, cache, last_two, feature
   def step(carry, i):
     cache, logits, last_hidden = carry
     q = sampling_lib.probabilities(logits, spec.sampling)
-    token = sampling_lib.sample(rngs[i], q)
+    token = sampling_lib.sample(rngs[i], q, spec.sampling)
     hidden, cache = drafter.apply({"params": drafter_params}, token[:, None],
                                   (root + 1 + i)[:, None], cache,
                                   features=feed(last_hidden[:, None]))
@@ -265,7 +266,8 @@ def _draft(drafter_config: ModelConfig, drafter_params, cache, last_two, feature
   (cache, logits, _), (tokens, q) = jax.lax.scan(step, (cache, logits, hidden[:, -1]),
                                                  jnp.arange(spec.gamma - 1))
   q_last = sampling_lib.probabilities(logits, spec.sampling)
-  tokens = jnp.concatenate([tokens, sampling_lib.sample(rngs[-1], q_last)[None]], axis=0)
+  last = sampling_lib.sample(rngs[-1], q_last, spec.sampling)
+  tokens = jnp.concatenate([tokens, last[None]], axis=0)
   q = jnp.concatenate([q, q_last[None]], axis=0)
   return (tokens.T.reshape(batch, num_paths, spec.gamma),
           q.transpose(1, 0, 2).reshape(batch, num_paths, spec.gamma, -1), cache)

@@ -9,6 +9,8 @@ Beside them, what the paper's tables lack (issue 19): standard errors over promp
 of the generated text (`repetition`), and the cost decomposition T_D/T_T, T_V(gamma)/T_T of one
 draft step, one verify step and one AR step timed on their own, with the speedup that the MagicDec
 formula predicts from them, tokens per call / (gamma T_D/T_T + T_V/T_T), next to the measured one.
+On a mesh, both models run tensor-parallel and every state is laid out as `parallel.RULES` says,
+as `speculative.generate` runs them.
 """
 
 import dataclasses
@@ -18,7 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from budgetdraft import drafters as drafters_lib
+from budgetdraft import drafters as drafters_lib, parallel
 from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.evaluation import repetition, results, timing
 from budgetdraft.models.checkpoint_io import Checkpoint
@@ -43,34 +45,39 @@ def prompt_length(context: int, variants: list[Variant]) -> int:
   return length
 
 
-def measure_ar(model: Checkpoint, prompt, spec: speculative.SpeculativeConfig):
+def measure_ar(model: Checkpoint, prompt, spec: speculative.SpeculativeConfig, mesh=None):
   """(prefill s, decode s, emitted tokens [max_new_tokens], one step's s timed on its own) of AR
-  decoding with the sampling and lengths of `spec` (prompt [1, P])."""
-  lengths = jnp.array([prompt.shape[1]], jnp.int32)
+  decoding with the sampling and lengths of `spec` (prompt [1, P]), on `mesh` if given."""
+  (params,), prompt, lengths = parallel.place(mesh, (model.params,), prompt,
+                                              jnp.array([prompt.shape[1]], jnp.int32))
   static = dict(config=model.config, sampling=spec.sampling, eos_id=None, pad_id=0)
-  start = timing.compiled(autoregressive.start, model.params, prompt, lengths, jax.random.key(0),
+  start = timing.compiled(autoregressive.start, params, prompt, lengths, jax.random.key(0),
                           max_new_tokens=spec.max_new_tokens, prefill_chunk=spec.prefill_chunk,
                           **static)
-  state, prefill_s = timing.timed(start, model.params, prompt, lengths, jax.random.key(0))
-  decode = timing.compiled(autoregressive.decode, model.params, state, **static)
-  final, decode_s = timing.timed(decode, model.params, state)
-  step_args = lambda: (model.params, jax.tree.map(jnp.copy, state))  # the step donates its state
+  state, prefill_s = timing.timed(start, params, prompt, lengths, jax.random.key(0))
+  state = parallel.place_state(mesh, state, 1)
+  decode = timing.compiled(autoregressive.decode, params, state, **static)
+  final, decode_s = timing.timed(decode, params, state)
+  step_args = lambda: (params, jax.tree.map(jnp.copy, state))  # the step donates its state
   step = timing.compiled(autoregressive.step, *step_args(), **static)
   _, step_s = timing.timed_with_fresh_args(step, step_args)
-  return prefill_s, decode_s, np.asarray(final.tokens[0]).tolist(), step_s
+  return prefill_s, decode_s, parallel.to_host(final.tokens)[0].tolist(), step_s
 
 
-def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative.SpeculativeConfig):
+def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative.SpeculativeConfig,
+                        mesh=None):
   """Times and `RoundStats` of one speculative run, plus one draft and one verify phase timed on
-  their own from the post-prefill state (for the drafter's share of a round)."""
+  their own from the post-prefill state (for the drafter's share of a round); on `mesh` if given."""
   drafter_config, drafter_params = drafter
-  lengths = jnp.array([prompt.shape[1]], jnp.int32)
+  (verifier_params, drafter_params), prompt, lengths = parallel.place(
+      mesh, (verifier.params, drafter_params), prompt, jnp.array([prompt.shape[1]], jnp.int32))
   static = dict(verifier_config=verifier.config, drafter_config=drafter_config, spec=spec)
-  args = (verifier.params, drafter_params, prompt, lengths, jax.random.key(1))
+  args = (verifier_params, drafter_params, prompt, lengths, jax.random.key(1))
   start = timing.compiled(speculative.start, *args, **static)
   state, prefill_s = timing.timed(start, *args)
-  decode = timing.compiled(speculative.decode, verifier.params, drafter_params, state, **static)
-  final, decode_s = timing.timed(decode, verifier.params, drafter_params, state)
+  state = parallel.place_state(mesh, state, 1)
+  decode = timing.compiled(speculative.decode, verifier_params, drafter_params, state, **static)
+  final, decode_s = timing.timed(decode, verifier_params, drafter_params, state)
 
   copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the phases donate their cache
   root = state.verifier_cache.length
@@ -79,7 +86,7 @@ def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative
   draft = timing.compiled(speculative.draft_step, *draft_args(), drafter_config=drafter_config,
                           spec=spec)
   (drafts, _, _), draft_s = timing.timed_with_fresh_args(draft, draft_args)
-  verify_args = lambda: (verifier.params, copy(state.verifier_cache), state.last_two[:, 1], drafts)
+  verify_args = lambda: (verifier_params, copy(state.verifier_cache), state.last_two[:, 1], drafts)
   verify = timing.compiled(speculative.verify_step, *verify_args(),
                            verifier_config=verifier.config, spec=spec)
   _, verify_s = timing.timed_with_fresh_args(verify, verify_args)
@@ -96,8 +103,9 @@ def _mean_and_error(values) -> tuple[float, float]:
   return float(values.mean()), float(error)
 
 
-def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> list[dict]:
-  """One row per (context, variant). prompts: {context: [N, P] prompt tokens}."""
+def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=None) -> list[dict]:
+  """One row per (context, variant). prompts: {context: [N, P] prompt tokens}; mesh: a
+  `parallel.make_mesh` mesh to run on (None: the default device)."""
   rows = []
   for context, windows in prompts.items():
     prompt_batches = [jnp.asarray(w[None]) for w in windows]
@@ -105,7 +113,7 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> lis
     for variant in variants:
       sampling = variant.spec.sampling
       if sampling not in ar_runs:
-        ar_runs[sampling] = [measure_ar(verifier, p, variant.spec) for p in prompt_batches]
+        ar_runs[sampling] = [measure_ar(verifier, p, variant.spec, mesh) for p in prompt_batches]
         logging.info("context %d AR (%s): prefill %.2fs decode %.2fs", context, sampling,
                      sum(a[0] for a in ar_runs[sampling]), sum(a[1] for a in ar_runs[sampling]))
     loaded = {}
@@ -117,7 +125,7 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant]) -> lis
         loaded[variant.drafter] = drafters_lib.load(variant.drafter, verifier.config,
                                                     verifier.params)
       drafter = loaded[variant.drafter]
-      runs = [measure_speculative(verifier, drafter, p, spec) for p in prompt_batches]
+      runs = [measure_speculative(verifier, drafter, p, spec, mesh) for p in prompt_batches]
       total = lambda key: sum(r[key] for r in runs)
       stats = sum((r["stats"] for r in runs[1:]), runs[0]["stats"])
       decode_s = total("decode_s")

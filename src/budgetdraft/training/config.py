@@ -51,6 +51,8 @@ class TrainConfig:
   pruned_from: str = ""            # drafter "pruned": experiments/prune.py's output directory
   draft_vocab: int = 0             # > 0: the head scores only the most frequent training tokens
   feature_weight: float = 0.0      # eagle: weight of the smooth-L1 regression on hidden states
+  self_fed_weight: float = 0.0     # eagle: weight of the loss of a second continuation pass fed
+                                   # the drafter's own hidden states (views.self_fed_features)
   prompt_len: int = 1024           # compression point P inside each training sequence
   continuation: int = 256          # C positions after P carry the losses
   batch_size: int = 1
@@ -99,6 +101,11 @@ class TrainConfig:
                        "must be >= 0")
     if self.feature_weight and self.drafter != "eagle":
       raise ValueError("feature_weight regresses the verifier's hidden states: drafter='eagle' only")
+    if self.self_fed_weight < 0:
+      raise ValueError(f"self_fed_weight={self.self_fed_weight} must be >= 0")
+    if self.self_fed_weight and self.drafter != "eagle":
+      raise ValueError("self_fed_weight replaces the verifier's hidden states that an EAGLE "
+                       "drafter is fed by its own: drafter='eagle' only")
     if self.num_sequences < 0:
       raise ValueError(f"num_sequences={self.num_sequences} must be >= 0")
     if self.num_views < 0:

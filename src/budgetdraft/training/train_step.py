@@ -61,17 +61,29 @@ def make_train_step(model_config: ModelConfig, config: TrainConfig,
 
   def loss_fn(trainable, shared, tokens, teacher_ids, teacher_probs, budgets, rng,
               verifier_hidden):
+    params = {**shared, **trainable}
     features = None if verifier_hidden is None else prefill.feature_inputs(verifier_hidden)
-    hidden, logits = views.all_branch_outputs(model_config, {**shared, **trainable}, tokens,
-                                              config.prompt_len, budgets, config.sparsity,
-                                              config.ring_size, rng, features,
-                                              prefix_gradient=config.prefix_gradient)
+    cache, keeps = views.prompt_views(model_config, params, tokens, config.prompt_len, budgets,
+                                      config.sparsity, rng, features,
+                                      prefix_gradient=config.prefix_gradient)
+    continuation = tokens[:, config.prompt_len:]
+    continuation_features = None if features is None else features[:, config.prompt_len:]
+    passes = lambda features: views.branch_outputs(model_config, params, cache, continuation,
+                                                   keeps, config.ring_size, features)
+    hidden, logits = passes(continuation_features)
     teacher = teacher_lib.dense_probs(teacher_ids, teacher_probs, model_config.vocab_size)
     mask = jnp.ones(teacher.shape[:-1])
-    total, parts = losses.budgetdraft_loss(teacher, logits[0], logits[1:], mask,
-                                           sparse_weight=sparse_weight,
-                                           kl_weight=config.kl_weight,
-                                           hard_labels=config.targets == "argmax")
+    loss = functools.partial(losses.budgetdraft_loss, sparse_weight=sparse_weight,
+                             kl_weight=config.kl_weight, hard_labels=config.targets == "argmax")
+    total, parts = loss(teacher, logits[0], logits[1:], mask)
+    if config.self_fed_weight:
+      # The first position is fed the verifier's state in both passes: only the others count.
+      _, self_fed_logits = passes(views.self_fed_features(continuation_features, hidden))
+      self_fed, self_fed_parts = loss(teacher, self_fed_logits[0], self_fed_logits[1:],
+                                      mask.at[:, 0].set(0.0))
+      total = total + config.self_fed_weight * self_fed
+      parts = {**parts, "self_fed": self_fed,
+               "acceptance_self_fed": self_fed_parts["acceptance_full"]}
     if config.feature_weight:
       target = verifier_hidden[:, config.prompt_len:]
       per_branch = jax.vmap(lambda h: losses.feature_regression(h, target, mask))(hidden)

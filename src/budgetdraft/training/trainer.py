@@ -96,11 +96,13 @@ class _Progress:
               "acceptance_full": float(metrics["acceptance_full"]),
               "budgets": budgets.tolist(),
               "acceptance_views": np.asarray(metrics["acceptance_views"]).tolist()}
-    if "feature" in metrics:
-      record["feature"] = float(metrics["feature"])
+    for key in ("feature", "self_fed", "acceptance_self_fed"):
+      if key in metrics:
+        record[key] = float(metrics[key])
     with open(self.path, "a") as f:
       f.write(json.dumps(record) + "\n")
-    for key in ("loss", "full", "sparse", "grad_norm", "acceptance_full", "feature"):
+    for key in ("loss", "full", "sparse", "grad_norm", "acceptance_full", "feature", "self_fed",
+                "acceptance_self_fed"):
       if key in record:
         self.writer.add_scalar(f"train/{key}", record[key], step)
     for budget, acceptance in zip(record["budgets"], record["acceptance_views"]):
@@ -119,6 +121,8 @@ class _Progress:
       for budget, acceptance in zip(r["budgets"], r["acceptance_views"]):
         by_budget.setdefault(budget, []).append(acceptance)
     views_text = "".join(f" B{b}={np.mean(a):.3f}" for b, a in sorted(by_budget.items()))
+    if "acceptance_self_fed" in self.pending[0]:
+      views_text += f" self-fed={mean('acceptance_self_fed'):.3f}"
     tokens_per_s = self.tokens_per_step / per_step
     self.writer.add_scalar("perf/tokens_per_s", tokens_per_s, step)
     logging.info("step %d/%d loss %.4f (full %.4f, sparse %.4f) acceptance full %.3f%s | "
