@@ -11,7 +11,6 @@ several devices both models run on `--config.mesh` (default: every device on `da
 import dataclasses
 
 from absl import app, flags, logging
-import jax
 from ml_collections import config_flags
 
 from budgetdraft import drafters, parallel
@@ -42,7 +41,7 @@ def main(argv):
   for variant in variants:
     drafters.check(variant.drafter)
   prompt_lengths = {context: speedup.prompt_length(context, variants) for context in cfg.contexts}
-  mesh = parallel.make_mesh(cfg.mesh) if cfg.mesh or jax.device_count() > 1 else None
+  mesh = parallel.mesh_from_flag(cfg.mesh)
   if mesh is not None:
     logging.info("decoding on mesh %s", dict(mesh.shape))
   verifier = checkpoint_io.load(cfg.checkpoint)

@@ -15,7 +15,6 @@ any mesh.
 """
 
 from absl import app, flags, logging
-import jax
 from ml_collections import config_flags
 import numpy as np
 
@@ -40,7 +39,7 @@ def main(argv):
   logging.info("%d training sequences of %d tokens; %d steps x batch %d cycle through %d of them",
                len(sequences), sequences.shape[1], config.steps, config.batch_size,
                config.sequences_used(len(sequences)))
-  mesh = parallel.make_mesh(config.mesh) if config.mesh or jax.device_count() > 1 else None
+  mesh = parallel.mesh_from_flag(config.mesh)
   if mesh is not None:
     logging.info("training on mesh %s", dict(mesh.shape))
   trainer.train(config, verifier.config, verifier.params, sequences, verifier_name=verifier.name,

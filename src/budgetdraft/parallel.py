@@ -78,6 +78,12 @@ def make_mesh(spec: str = "", devices=None) -> jax.sharding.Mesh:
                        axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
+def mesh_from_flag(spec: str):
+  """An entry point's `--config.mesh`: `make_mesh(spec)` when given or when several devices are
+  present (then "" puts all on data), else None (one device: no mesh)."""
+  return make_mesh(spec) if spec or jax.device_count() > 1 else None
+
+
 def logical_sharding(mesh, axes: tuple, shape: tuple, rules=RULES) -> NamedSharding:
   """The sharding of an array of `shape` with logical `axes`, by `rules` (replicated where the
   mesh axis does not divide the dimension)."""
