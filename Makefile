@@ -19,7 +19,7 @@ $(INSTALLED): requirements.txt pyproject.toml
 venv: $(INSTALLED)
 
 # Debian texts need apt's package lists; refresh them once if the package is unknown (no-op elsewhere).
-$(PREPARED): $(INSTALLED)
+$(PREPARED): $(INSTALLED) src/budgetdraft/data/long_retrieval.py
 	@if command -v apt-get >/dev/null && ! apt-cache show r-cran-janeaustenr >/dev/null 2>&1; then \
 	  apt-get update -qq >/dev/null 2>&1 || echo "apt-get update failed: Debian texts will be skipped"; fi
 	$(BIN)/python experiments/prepare_data.py --data_dir=$(DATA_DIR)

@@ -6,21 +6,30 @@ Variants:
   paper    BudgetDraft's published protocol (issue 19) for the drafters of
            configs/budgetdraft_paper.py (train them first): greedy, 256 new tokens, gamma 5,
            9 prompts of 3800 tokens and of 7931 (SmolLM2's 8192 positions less 256 + 5), TriForce
-           chunk retrieval at budgets 256-2048 with no eviction of generated tokens.
+           chunk retrieval at budgets 256-2048 with no eviction of generated tokens;
+  passkey, kv_retrieval, copy
+           the `long_retrieval` task of that name (issue 15: the answer is in distant context
+           only) at 4K and 8K, 5 prompts (one per depth 0.1-0.9), for the verifier drafting for
+           itself and the untrained 6-layer cut, SnapKV budgets 128-1024 (~15 min each).
 Drafters are `drafters.load` sources with a label for the table. Results go to
 results/acceptance_vs_budget (smollm2) or results/acceptance_vs_budget_<variant>.
 """
 
 import ml_collections
 
+RETRIEVAL_TASKS = ("passkey", "kv_retrieval", "copy")  # budgetdraft.data.long_retrieval.TASKS
+
 
 def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
-  if variant not in ("smollm2", "paper"):
-    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper")
+  if variant not in ("smollm2", "paper") + RETRIEVAL_TASKS:
+    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper, "
+                     f"{', '.join(RETRIEVAL_TASKS)}")
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.checkpoint = ""           # verifier; "" = the embedded SmolLM2-135M-Instruct GGUF
+  config.mesh = ""                 # "data=4,model=2" (parallel.make_mesh); "" = all on data
   config.dataset = "long_books"
+  config.task = ""                 # "" = continuations of `dataset`; else a long_retrieval task
   config.data_dir = "data"
   config.split = "validation"
   config.contexts = (4096, 8192)   # prompt + new tokens
@@ -34,6 +43,11 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   trained = "trained:checkpoints/budgetdraft_smollm2_"
   config.drafters = (("untrained cut", "layers:6"), ("naive", trained + "naive"),
                      ("single-budget", trained + "single"), ("BudgetDraft", trained + "multiview"))
+  if variant in RETRIEVAL_TASKS:
+    config.task = variant
+    config.num_prompts = 5
+    config.budgets = (128, 256, 512, 1024)
+    config.drafters = (("self", "self"), ("untrained cut", "layers:6"))
   if variant == "paper":
     config.contexts = (3800 + 256 + 5, 8192)  # prompt = context - new tokens - gamma
     config.num_prompts = 9

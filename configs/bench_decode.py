@@ -14,6 +14,7 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.checkpoint = ""            # "" = the embedded SmolLM2-135M-Instruct GGUF
+  config.mesh = ""                 # "data=4,model=2" (parallel.make_mesh); "" = all on data
   config.dataset = "long_books"
   config.data_dir = "data"
   config.split = "validation"

@@ -18,6 +18,7 @@ def get_config(variant: str = "default") -> ml_collections.ConfigDict:
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.checkpoint = ""        # verifier: a .gguf file or HF folder; "" = SmolLM2-135M-Instruct
+  config.mesh = ""                 # "data=4,model=2" (parallel.make_mesh); "" = all on data
   config.drafter = "auto"       # a drafters.load source, "none" (autoregressive) or "auto"
   config.policy = "snapkv"      # the drafter's KV policy; "full" keeps its whole cache
   config.budget = 256           # kept prompt keys per layer and KV head

@@ -9,9 +9,10 @@ which replays the greedy engine exactly). Writes results/acceptance_vs_budget.{m
 
 from absl import app, flags
 from ml_collections import config_flags
+import numpy as np
 
-from budgetdraft import drafters
-from budgetdraft.data import packing
+from budgetdraft import drafters, launch, parallel
+from budgetdraft.data import packing, retrieval
 from budgetdraft.evaluation import acceptance, results
 from budgetdraft.models import checkpoint_io
 from budgetdraft.sparsity.selection import SparsityConfig
@@ -28,23 +29,35 @@ def main(argv):
     sparsity.check_budget(budget)
   for _, source in cfg.drafters:
     drafters.check(source)
-  verifier = checkpoint_io.load(cfg.checkpoint)
-  drafter_models = {label: drafters.load(source, verifier.config, verifier.params)
+  mesh = launch.mesh(cfg.mesh)
+  verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+  drafter_models = {label: parallel.place_drafter(mesh, drafters.load(source, verifier.config,
+                                                                     verifier.params))
                     for label, source in cfg.drafters}
   # The greedy path runs gamma tokens past max_new_tokens.
-  prompts = {context: packing.dataset_sequences(
-      cfg.dataset, cfg.data_dir, cfg.split, verifier.tokenizer,
-      context - cfg.max_new_tokens - cfg.gamma, cfg.num_prompts) for context in cfg.contexts}
+  lengths = {context: context - cfg.max_new_tokens - cfg.gamma for context in cfg.contexts}
+  if cfg.task:
+    prompts = {context: np.array([p.tokens for p in retrieval.task_prompts(
+        cfg.data_dir, cfg.task, verifier.tokenizer, length, cfg.num_prompts)])
+        for context, length in lengths.items()}
+  else:
+    prompts = {context: packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split,
+                                                  verifier.tokenizer, length, cfg.num_prompts)
+               for context, length in lengths.items()}
   rows = acceptance.acceptance_vs_budget(
       verifier, drafter_models, prompts, list(cfg.budgets) + [None], sparsity, gamma=cfg.gamma,
       max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk)
+  if not parallel.is_writer():
+    return
 
   name = "acceptance_vs_budget" + ("" if cfg.variant == "smollm2" else f"_{cfg.variant}")
   path = results.output_path(_RESULTS_DIR.value, name,
                              config_flags.get_override_values(flags.FLAGS["config"]))
   labels = ", ".join(f"{label} = `{source}`" for label, source in cfg.drafters)
+  source = (f"long_retrieval {cfg.task} (depths 0.1-0.9)" if cfg.task else
+            f"{cfg.dataset}/{cfg.split}")
   notes = (f"Verifier {verifier.name}; drafters: {labels}. {cfg.num_prompts} held-out "
-           f"{cfg.dataset}/{cfg.split} prompt(s) per context, {cfg.max_new_tokens} greedy tokens, "
+           f"{source} prompt(s) per context, {cfg.max_new_tokens} greedy tokens, "
            f"gamma={cfg.gamma}, policy {sparsity.policy} (sinks {sparsity.sinks}, window "
            f"{sparsity.window}); budget = kept prompt keys per layer and KV head. Greedy "
            "acceptance and tokens/call replay the greedy engine exactly from one teacher-forced "

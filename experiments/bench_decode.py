@@ -14,6 +14,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from budgetdraft import launch, parallel
 from budgetdraft.data import packing
 from budgetdraft.evaluation import decode_speed, peers, results, timing
 from budgetdraft.models import checkpoint_io
@@ -25,7 +26,8 @@ _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table go
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  model = checkpoint_io.load(cfg.checkpoint)
+  mesh = launch.mesh(cfg.mesh)
+  model = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
   prompt = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, model.tokenizer,
                                      max(cfg.contexts) - cfg.max_new_tokens, 1)
   bandwidth, peak = timing.read_bandwidth(), timing.matmul_peak()
@@ -42,6 +44,8 @@ def main(argv):
                                   reference_rows=rows)
   elif cfg.hf_peer:
     logging.warning("HF transformers is not installed (pip install -e .[peers]): no peer rows")
+  if not parallel.is_writer():
+    return
 
   path = results.output_path(_RESULTS_DIR.value, "bench_decode",
                              config_flags.get_override_values(flags.FLAGS["config"]))

@@ -23,7 +23,7 @@ import sys
 from absl import app, flags
 from ml_collections import config_flags
 
-from budgetdraft import drafters, generation, specprefill
+from budgetdraft import drafters, generation, launch, parallel, specprefill
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.models import checkpoint_io
@@ -65,26 +65,30 @@ def main(argv):
     else:
       text = _PROMPT.value if _PROMPT.value is not None else sys.stdin.read()
 
-    verifier = checkpoint_io.load(cfg.checkpoint)
+    mesh = launch.mesh(cfg.mesh)
+    verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
     source = cfg.drafter
     if source == "auto":  # the shipped drafter takes feature inputs: no speculative prefill
       shipped = drafters.shipped_for(verifier.config, verifier.params)
       source = shipped if shipped and selection is None else "none"
-    drafter = (None if source == "none" else
-               drafters.load(source, verifier.config, verifier.params))
+    drafter = (None if source == "none" else parallel.place_drafter(
+        mesh, drafters.load(source, verifier.config, verifier.params)))
     prompt = generation.prompt_tokens(verifier, text, chat=_CHAT.value, spec=spec,
                                       speculative=drafter is not None,
                                       truncate=_TRUNCATE.value == "left")
     spec = dataclasses.replace(spec, eos_id=verifier.tokenizer.eos_id,
                                pad_id=verifier.tokenizer.eos_id or 0)
-    scorer = (drafters.load(cfg.scorer, verifier.config, verifier.params)
+    scorer = (parallel.place_drafter(mesh, drafters.load(cfg.scorer, verifier.config,
+                                                         verifier.params))
               if selection is not None and drafter is None else None)
     run = generation.Generation(verifier, drafter, prompt, spec, stop=tuple(cfg.stop),
                                 seed=cfg.seed, selection=selection, scorer=scorer)
-    for piece in run:
-      if not _JSON.value:
+    for piece in run:  # every process decodes; process 0 prints
+      if not _JSON.value and parallel.is_writer():
         sys.stdout.write(piece)
         sys.stdout.flush()
+    if not parallel.is_writer():
+      return
     if _JSON.value:
       print(json.dumps({"text": run.text, "stats": run.stats.as_dict()}))
     else:

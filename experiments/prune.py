@@ -17,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 
-from budgetdraft import drafters
+from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing
 from budgetdraft.evaluation import pruning as pruning_eval
 from budgetdraft.evaluation import results, timing
@@ -42,6 +42,10 @@ def main(argv):
     raise ValueError(f"calibration_length={cfg.calibration_length}: length - 1 must be <= 512 "
                      "or a multiple of 512")
 
+  mesh = launch.mesh(cfg.mesh)
+  if jax.process_count() > 1:
+    raise ValueError("prune.py runs as one process (it writes the pruned models); give its "
+                     "devices with --config.mesh")
   verifier = checkpoint_io.load(cfg.checkpoint)
   layout = units.Layout(verifier.config, cfg.channel_group)
   extra = {}  # the extra rows, loaded before any work so that a wrong one fails early
@@ -98,6 +102,7 @@ def main(argv):
     models[f"layer cut {percent}% ({cut} layers)"] = drafters.load(
         f"layers:{cut}", verifier.config, verifier.params)
   models.update(extra)
+  models = {name: parallel.place_drafter(mesh, model) for name, model in models.items()}
   prompts = {context: packing.dataset_sequences(
       cfg.dataset, cfg.data_dir, "validation", verifier.tokenizer,
       context - cfg.max_new_tokens - cfg.gamma, cfg.num_prompts) for context in cfg.contexts}
@@ -105,7 +110,7 @@ def main(argv):
                                        verifier.tokenizer, cfg.held_out_length,
                                        cfg.held_out_sequences)
   rows = pruning_eval.pruning_table(
-      verifier, models, prompts, held_out, list(cfg.budgets) + [None], sparsity, gamma=cfg.gamma,
+      parallel.place_checkpoint(mesh, verifier), models, prompts, held_out, list(cfg.budgets) + [None], sparsity, gamma=cfg.gamma,
       max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk,
       perplexity_chunk=min(cfg.held_out_length - 1, 512))
 

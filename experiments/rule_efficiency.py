@@ -10,7 +10,7 @@ Writes results/rule_efficiency.{md,json}. The measurement is
 from absl import app, flags
 from ml_collections import config_flags
 
-from budgetdraft import drafters
+from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
@@ -32,11 +32,15 @@ def main(argv):
     SpeculativeConfig(gamma=cfg.gamma, rule=rule, num_paths=num_paths)
   drafters.check(cfg.drafter)
   prompt_len = cfg.context - cfg.max_new_tokens - max(k for _, k in cfg.rules) * cfg.gamma - 1
-  verifier = checkpoint_io.load(cfg.checkpoint)
-  drafter = drafters.load(cfg.drafter, verifier.config, verifier.params)
+  mesh = launch.mesh(cfg.mesh)
+  verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+  drafter = parallel.place_drafter(mesh, drafters.load(cfg.drafter, verifier.config,
+                                                        verifier.params))
   prompts = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, verifier.tokenizer,
                                       prompt_len, cfg.num_prompts)
   rows = rule_efficiency.rule_efficiency(verifier, drafter, prompts, list(cfg.rules), spec)
+  if not parallel.is_writer():
+    return
 
   path = results.output_path(_RESULTS_DIR.value, "rule_efficiency",
                              config_flags.get_override_values(flags.FLAGS["config"]))

@@ -13,7 +13,7 @@ from absl import app, flags
 from ml_collections import config_flags
 import numpy as np
 
-from budgetdraft import drafters, specprefill
+from budgetdraft import drafters, launch, parallel, specprefill
 from budgetdraft.data import packing, retrieval
 from budgetdraft.evaluation import results
 from budgetdraft.evaluation import specprefill as evaluation
@@ -43,7 +43,8 @@ def main(argv):
     if length < 4 * selection.chunk:
       raise ValueError(f"context {context} leaves too short a prompt after max_new_tokens="
                        f"{cfg.max_new_tokens} (at least 4 chunks of {selection.chunk} are needed)")
-  verifier = checkpoint_io.load(cfg.checkpoint)
+  mesh = launch.mesh(cfg.mesh)
+  verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
   prompts = {}
   for context, length in prompt_lengths.items():
     windows = packing.dataset_sequences(
@@ -58,7 +59,9 @@ def main(argv):
                                      passkey))
     prompts[context] = items
   rows = evaluation.specprefill_table(verifier, prompts, list(cfg.scorers), list(cfg.keep_rates),
-                                      settings, selection)
+                                      settings, selection, mesh)
+  if not parallel.is_writer():
+    return
 
   path = results.output_path(_RESULTS_DIR.value, f"specprefill_{cfg.variant}",
                              config_flags.get_override_values(flags.FLAGS["config"]))

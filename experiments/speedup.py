@@ -10,10 +10,10 @@ several devices both models run on `--config.mesh` (default: every device on `da
 
 import dataclasses
 
-from absl import app, flags, logging
+from absl import app, flags
 from ml_collections import config_flags
 
-from budgetdraft import drafters, parallel
+from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
@@ -41,9 +41,7 @@ def main(argv):
   for variant in variants:
     drafters.check(variant.drafter)
   prompt_lengths = {context: speedup.prompt_length(context, variants) for context in cfg.contexts}
-  mesh = parallel.mesh_from_flag(cfg.mesh)
-  if mesh is not None:
-    logging.info("decoding on mesh %s", dict(mesh.shape))
+  mesh = launch.mesh(cfg.mesh)
   verifier = checkpoint_io.load(cfg.checkpoint)
   if max(cfg.contexts) > verifier.config.max_context:
     raise ValueError(f"context {max(cfg.contexts)} exceeds the verifier's context of "
@@ -53,6 +51,8 @@ def main(argv):
                                                 verifier.tokenizer, length, cfg.num_prompts)
              for context, length in prompt_lengths.items()}
   rows = speedup.speedup(verifier, prompts, variants, mesh)
+  if not parallel.is_writer():
+    return
 
   path = results.output_path(_RESULTS_DIR.value, f"speedup_{cfg.variant}",
                              config_flags.get_override_values(flags.FLAGS["config"]))

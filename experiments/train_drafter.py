@@ -18,7 +18,7 @@ from absl import app, flags, logging
 from ml_collections import config_flags
 import numpy as np
 
-from budgetdraft import parallel
+from budgetdraft import launch
 from budgetdraft.data import packing
 from budgetdraft.models import checkpoint_io
 from budgetdraft.training import trainer
@@ -32,6 +32,7 @@ _STOP_AFTER = flags.DEFINE_integer("stop_after", None,
 def main(argv):
   del argv
   config = TrainConfig.from_dict(_CONFIG.value)
+  mesh = launch.mesh(config.mesh)
   verifier = checkpoint_io.load(config.checkpoint)
   sequences = packing.dataset_sequences(config.dataset, config.data_dir, config.split,
                                         verifier.tokenizer, config.sequence_len)
@@ -39,9 +40,6 @@ def main(argv):
   logging.info("%d training sequences of %d tokens; %d steps x batch %d cycle through %d of them",
                len(sequences), sequences.shape[1], config.steps, config.batch_size,
                config.sequences_used(len(sequences)))
-  mesh = parallel.mesh_from_flag(config.mesh)
-  if mesh is not None:
-    logging.info("training on mesh %s", dict(mesh.shape))
   trainer.train(config, verifier.config, verifier.params, sequences, verifier_name=verifier.name,
                 stop_after=_STOP_AFTER.value, mesh=mesh)
 

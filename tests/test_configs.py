@@ -10,8 +10,9 @@ from budgetdraft.evaluation import speedup as speedup_lib
 from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft import specprefill as specprefill_lib
 from budgetdraft.pruning.bonsai import BonsaiConfig
-from configs import (acceptance_vs_budget, bench_decode, bench_kernels, budgetdraft_smollm2, prune,
-                     rule_efficiency, specprefill, speedup, verification_table)
+from configs import (acceptance_vs_budget, bench_batch, bench_decode, bench_kernels,
+                     budgetdraft_smollm2, generate, prune, rule_efficiency, specprefill, speedup,
+                     verification_table)
 
 SPEEDUP_FIELDS = {"contexts", "rows", "max_new_tokens", "gamma", "num_prompts", "prefill_chunk",
                   "sparsity"}
@@ -37,6 +38,25 @@ def test_the_paper_protocol_builds_valid_rows_at_the_published_prompt_length(var
   assert [speedup_lib.prompt_length(c, variants) for c in cfg.contexts] == prompts
   assert {v.spec.gamma for v in variants} <= set(speedup.PAPER_GAMMAS)
   assert all(v.spec.sparsity.recent >= cfg.max_new_tokens for v in variants if v.spec.sparsity)
+
+
+@pytest.mark.parametrize("module", [acceptance_vs_budget, bench_batch, bench_decode,
+                                    budgetdraft_smollm2, generate, prune, rule_efficiency,
+                                    specprefill, speedup])
+def test_every_experiment_that_runs_a_model_takes_a_mesh(module):
+  assert module.get_config().mesh == ""  # every device on data when there are several
+
+
+def test_the_batch_table_builds_valid_rows():
+  cfg = bench_batch.get_config()
+  shared = SparsityConfig(budget=None, **cfg.sparsity)
+  variants = [speedup_lib.Variant(row["drafter"], SpeculativeConfig(
+      gamma=row["gamma"], max_new_tokens=cfg.max_new_tokens,
+      sparsity=dataclasses.replace(shared, policy=row["policy"], budget=row["budget"])))
+      for row in cfg.rows]
+  assert speedup_lib.prompt_length(cfg.context, variants) == 4096 - 32 - 5  # 4K, a 4-token draft
+  assert sorted(cfg.batch_sizes) == list(cfg.batch_sizes)
+  assert max(cfg.batch_sizes) % cfg.distinct_prompts == 0
 
 
 @pytest.mark.parametrize("variant", ["smollm2", "paper"])

@@ -1,4 +1,5 @@
-"""Data: packing without cross-document leakage, readers for every dataset, the prepared long_books."""
+"""Data: packing without cross-document leakage, readers for every dataset, the prepared long_books,
+and the long_retrieval tasks assembled at exact lengths with their needle at its depth."""
 
 import io
 import json
@@ -7,7 +8,7 @@ import os
 import numpy as np
 import pytest
 
-from budgetdraft.data import long_books, packing, readers, retrieval, sources
+from budgetdraft.data import long_books, long_retrieval, packing, readers, retrieval, sources
 
 
 def test_sequences_never_cross_documents():
@@ -140,3 +141,76 @@ def test_passkey_prompts_refuse_short_filler_and_bad_depth():
   keys = [p.answer for p in retrieval.passkey_prompts(_ByteTokenizer(), [np.zeros(1000, int)],
                                                       600, 3)]
   assert len(set(keys)) == 3 and all(len(k) == 5 for k in keys)
+
+
+@pytest.fixture(scope="module")
+def tiny_retrieval(tmp_path_factory):
+  """long_retrieval built from a few made-up books (validation: the ids long_books holds out)."""
+  tmp = tmp_path_factory.mktemp("retrieval")
+  os.makedirs(tmp / "raw" / "a")
+  words = [f"w{i}" for i in range(400)]
+  for i in range(40):
+    (tmp / "raw" / "a" / f"doc{i}.txt").write_text(
+        "\n".join(" ".join(words[(7 * i + j) % 400] for j in range(k, k + 12))
+                   for k in range(0, 400, 12)))
+  long_books.prepare(str(tmp / "raw"), str(tmp))
+  builder = long_retrieval.prepare(str(tmp))
+  return str(tmp), builder
+
+
+def test_long_retrieval_holds_every_task_at_every_depth(tiny_retrieval):
+  _, builder = tiny_retrieval
+  source = builder.as_data_source(split="validation")
+  examples = [source[i] for i in range(len(source))]
+  as_str = lambda value: value.decode() if isinstance(value, bytes) else value
+  counts = {}
+  for e in examples:
+    key = (as_str(e["task"]), round(float(e["depth"]), 3))
+    counts[key] = counts.get(key, 0) + 1
+    assert len(as_str(e["filler"])) == long_retrieval.FILLER_CHARS
+  assert counts == {(task, depth): long_retrieval.INSTANCES
+                    for task in long_retrieval.TASKS for depth in long_retrieval.DEPTHS}
+
+
+@pytest.mark.parametrize("task", long_retrieval.TASKS)
+def test_task_prompts_put_the_answer_only_at_their_depth(tiny_retrieval, task):
+  """The answer's text is in the inserted block at the asked depth of the filler, and the prompt
+  ends with the question: only distant context lets a model continue it."""
+  data_dir, _ = tiny_retrieval
+  prompts = retrieval.task_prompts(data_dir, task, _ByteTokenizer(), 6000, 6)
+  assert [p.depth for p in prompts] == [0.1, 0.3, 0.5, 0.7, 0.9, 0.1]
+  for prompt in prompts:
+    assert len(prompt.tokens) == 6000
+    text = bytes(prompt.tokens).decode()
+    answer = prompt.answer.strip().rstrip('."')
+    question = text.rindex("\n\n")
+    assert answer in text and text.rindex(answer) < question  # in the block, not the question
+    header = {"passkey": f"The pass key is {answer}", "kv_retrieval": "Keys and values:",
+              "copy": "Here is the passage"}[task]
+    intro = len(long_retrieval.INTROS[task])
+    assert text.count(header) == 1 and text.index(header) <= text.index(answer)
+    assert abs((text.index(header) - intro) / (question - intro) - prompt.depth) < 0.1
+    if task == "copy":  # the question quotes the passage's first words, the answer its rest
+      cue = text[text.rindex('"') + 1:]
+      assert text.index(cue + prompt.answer.rstrip('"')) < question
+
+
+def test_task_prompts_refuse_unknown_tasks_and_unprepared_data(tiny_retrieval, tmp_path):
+  data_dir, _ = tiny_retrieval
+  with pytest.raises(ValueError, match="unknown retrieval task 'needle'"):
+    retrieval.task_prompts(data_dir, "needle", _ByteTokenizer(), 3000, 1)
+  with pytest.raises(ValueError, match="21 passkey prompts asked for; long_retrieval holds 20"):
+    retrieval.task_prompts(data_dir, "passkey", _ByteTokenizer(), 3000, 21)
+  with pytest.raises(FileNotFoundError, match="long_retrieval is not prepared .*make data"):
+    retrieval.task_prompts(str(tmp_path), "passkey", _ByteTokenizer(), 3000, 1)
+
+
+def test_prepared_long_retrieval_gives_8k_prompts_for_the_verifier(data_dir, smollm2):
+  tokenizer = smollm2[2]
+  for task in long_retrieval.TASKS:
+    prompts = retrieval.task_prompts(data_dir, task, tokenizer, 8000, 5)
+    assert [len(p.tokens) for p in prompts] == [8000] * 5
+    for prompt in prompts:
+      text = tokenizer.decode(prompt.tokens)
+      assert text.startswith(long_retrieval.INTROS[task])
+      assert prompt.answer.strip().rstrip('."') in text[:text.rindex("\n\n")]

@@ -11,8 +11,9 @@ import pytest
 from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
-from budgetdraft.evaluation import (decode_speed, kernel_speed, repetition, results,
-                                    rule_efficiency, speedup, timing)
+from budgetdraft import drafters
+from budgetdraft.evaluation import (batch_throughput, decode_speed, kernel_speed, repetition,
+                                    results, rule_efficiency, speedup, timing)
 from budgetdraft.models import prefill
 from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.models.config import RopeScaling, get_config
@@ -71,6 +72,47 @@ def test_a_gamma_grid_reports_errors_costs_repetition_and_a_secondary_best_view(
   best = speedup.best_over_gamma(rows)  # only the setting measured at two gammas
   assert len(best) == 1 and best[0]["policy"] == rows[0]["policy"]
   assert best[0]["decode speedup"] == max(r["decode speedup"] for r in rows[:2])
+
+
+def test_a_state_of_taken_rows_decodes_as_those_rows_do(tiny_verifier):
+  """take_rows builds the batch table's states: decoding rows [1, 0, 1] of a prefilled pair gives
+  each taken row's own tokens (AR and speculative, caches and per-row arrays moved together)."""
+  config, params = tiny_verifier.config, tiny_verifier.params
+  spec = SpeculativeConfig(gamma=3, max_new_tokens=6, prefill_chunk=32, sparsity=TINY_SPARSITY)
+  prompt, lengths = jnp.asarray(_prompts(2, 100)), jnp.array([100, 90], jnp.int32)
+  static = dict(config=config, sampling=spec.sampling, eos_id=None, pad_id=0)
+  state = autoregressive.start(params, prompt, lengths, jax.random.key(0), max_new_tokens=6,
+                               prefill_chunk=32, **static)
+  tokens = lambda s: np.asarray(autoregressive.decode(params, s, **static).tokens)
+  assert (tokens(batch_throughput.take_rows(state, [1, 0, 1])) == tokens(state)[[1, 0, 1]]).all()
+  spec_static = dict(verifier_config=config, drafter_config=config, spec=spec)
+  state = speculative.start(params, params, prompt, lengths, jax.random.key(0), **spec_static)
+  outputs = lambda s: speculative.outputs_and_stats(
+      speculative.decode(params, params, s, **spec_static), spec)[0]
+  assert outputs(batch_throughput.take_rows(state, [1, 0, 1])) == [outputs(state)[i]
+                                                                    for i in (1, 0, 1)]
+
+
+def test_the_batch_table_measures_every_system_at_every_batch_size(tiny_verifier):
+  spec = SpeculativeConfig(gamma=3, max_new_tokens=8, prefill_chunk=32)
+  variants = [speedup.Variant("self", dataclasses.replace(spec, sparsity=TINY_SPARSITY)),
+              speedup.Variant("layers:1", spec)]
+  loaded = {v.drafter: drafters.load(v.drafter, tiny_verifier.config, tiny_verifier.params)
+            for v in variants}
+  rows = batch_throughput.batch_throughput(tiny_verifier, loaded, variants, _prompts(2, 120),
+                                           [1, 3], repeats=2)
+  assert [(row["system"], row["batch"]) for row in rows] == [
+      ("AR", 1), ("AR", 3), ("self (snapkv 24, gamma 3)", 1), ("self (snapkv 24, gamma 3)", 3),
+      ("layers:1 (full KV, gamma 3)", 1), ("layers:1 (full KV, gamma 3)", 3)]
+  assert [row["= AR"] for row in rows[2:]] == ["yes"] * 4
+  for row in rows:
+    assert row["tok/s min"] <= row["decode tok/s"] <= row["tok/s max"]
+    assert row["tokens/call"] >= 1
+  assert rows[1]["KV share of step bytes"] > rows[0]["KV share of step bytes"]
+  sampled = dataclasses.replace(spec, sampling=SamplingConfig(temperature=1.0))
+  with pytest.raises(ValueError, match="same sampling"):
+    batch_throughput.batch_throughput(tiny_verifier, loaded, variants[:1] + [
+        speedup.Variant("self", sampled)], _prompts(2, 120), [1])
 
 
 def test_repetition_measures_on_hand_made_text():

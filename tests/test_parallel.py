@@ -1,7 +1,9 @@
 """Sharded decoding equals unsharded decoding, token for token (a tiny model on 8 fake CPU devices,
-SmolLM2 on 6 with model=3, two CPU processes), and every array is laid out as `parallel.RULES`
-says. Meshes run in subprocesses: the device count is fixed when jax starts."""
+SmolLM2 on 6 with model=3, two CPU processes), sharded training equals unsharded training (one
+process on 8 devices, two processes), and every array is laid out as `parallel.RULES` says.
+Meshes run in subprocesses: the device count is fixed when jax starts."""
 
+import dataclasses
 import json
 import os
 import socket
@@ -9,13 +11,14 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 from budgetdraft import parallel
 from tests.conftest import REPO_ROOT
 
 
-def _decoders():
+def _decoders(attention_impl: str = "jnp"):
   """(AR, speculative) greedy decoding of 4 ragged prompts with a tiny model, each a function of
   the mesh (None = unsharded), and the model's params and config."""
   import numpy as np
@@ -24,7 +27,8 @@ def _decoders():
   from budgetdraft.models.transformer import init_params
   from budgetdraft.sparsity.selection import SparsityConfig
 
-  config = get_config("tiny", attention_bias=True)  # 4 heads, 2 KV heads, mlp 128, vocab 256
+  # 4 heads, 2 KV heads, mlp 128, vocab 256
+  config = get_config("tiny", attention_bias=True, attention_impl=attention_impl)
   params = init_params(config, jax.random.key(0))
   drafter = init_params(config, jax.random.key(1))
   prompts = [np.random.default_rng(i).integers(0, 256, 50 + 9 * i).tolist() for i in range(4)]
@@ -47,6 +51,29 @@ def _process_run(port: int, process_id: int) -> dict:
   mesh = parallel.make_mesh("data=2")
   return {"devices": len(jax.devices()), "local": len(jax.local_devices()), "ar": ar(mesh),
           "spec": sd(mesh)}
+
+
+def _tiny_training(workdir: str, mesh=None, teacher_cache: str = ""):
+  """6 steps of the tiny trainer at batch 8 (sequences and teacher of tests/test_training.py)."""
+  from budgetdraft.training import trainer
+  from tests import test_training
+
+  config, params = test_training.make_tiny_teacher()
+  cfg = test_training._config(steps=6, batch_size=8, checkpoint_every=3, log_every=3,
+                              workdir=workdir)
+  cfg = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, cache_dir=teacher_cache))
+  history = trainer.train(cfg, config, params,
+                          test_training._sequences(config.vocab_size, count=16), mesh=mesh)
+  return [float(h["loss"]) for h in history]
+
+
+def _process_training(port: int, process_id: int, workdir: str) -> dict:
+  """One of two CPU processes training together on a data=2 mesh in one workdir, the teacher
+  targets cached by process 0: the losses it saw and the batch rows it read."""
+  parallel.initialize(f"127.0.0.1:{port}", 2, process_id)
+  mesh = parallel.make_mesh("data=2")
+  losses = _tiny_training(os.path.join(workdir, "run"), mesh, os.path.join(workdir, "teacher"))
+  return {"losses": losses, "rows": parallel.process_rows(mesh, 8).tolist()}
 
 
 def _smollm2_run() -> dict:
@@ -105,6 +132,29 @@ def _sharded_run() -> dict:
   spec = lambda x: list(x.sharding.spec) + [None] * (x.ndim - len(x.sharding.spec))
   out["cache"] = {"k": spec(final.cache.k), "length": spec(final.cache.length)}
   out["speedup"] = _speedup_rows(params, config, {"unsharded": None, "data=4,model=2": mesh})
+  out["pallas"] = _pallas_run()
+  return out
+
+
+def _pallas_run() -> dict:
+  """The tiny pair on the Pallas kernels (interpreted): greedy tokens unsharded and on
+  data=4,model=2, and whether a kernel call runs inside shard_map there."""
+  import jax.numpy as jnp
+  from budgetdraft.models.kv_cache import FullKVCache
+
+  ar, sd, _, config, _ = _decoders("pallas")
+  mesh = parallel.make_mesh("data=4,model=2")
+  out = {name: {"ar": ar(m), "spec": sd(m)} for name, m in (("unsharded", None),
+                                                            ("data=4,model=2", mesh))}
+  cache = FullKVCache.init(config, 4, 64)
+  q = jnp.ones((4, 1, config.num_heads, config.head_dim))
+  with parallel.running_on(mesh):
+    jaxpr = jax.make_jaxpr(lambda q: cache.attend(0, q, None))(q).jaxpr
+  shard_map = [eqn for eqn in jaxpr.eqns if eqn.primitive.name == "shard_map"]
+  inner = shard_map[0].params["jaxpr"]
+  out["kernel in shard_map"] = "pallas_call" in str(inner) and not any(
+      "pallas_call" in str(eqn) for eqn in jaxpr.eqns if eqn not in shard_map)
+  out["kernel queries"] = list(inner.invars[0].aval.shape)  # one device's [B, T, H, D]
   return out
 
 
@@ -156,6 +206,11 @@ def _training_run() -> dict:
     out["param_diff"] = max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
                             for a, b in zip(jax.tree.leaves(trained[0]),
                                             jax.tree.leaves(trained[1])))
+    pallas = dataclasses.replace(config, attention_impl="pallas")  # views on the kernel's VJP
+    out["pallas"] = {name: [float(h["loss"]) for h in trainer.train(
+        test_training._config(steps=2, batch_size=8, workdir=os.path.join(tmp, f"pallas-{name}")),
+        pallas, params, sequences, mesh=mesh and parallel.make_mesh(mesh))]
+        for name, mesh in (("unsharded", None), ("data=4,model=2", "data=4,model=2"))}
   _, trainable, _ = drafters.initialize("layers", config, params, 1)
   optimizer = train_step.make_optimizer(cfg("unused"))
   state = train_step.TrainState(step=0, data_position=0, params=trainable,
@@ -198,6 +253,35 @@ def test_smollm2_tensor_parallel_over_three_devices_equals_unsharded():
 def test_two_processes_decode_what_one_does(sharded):
   """A multi-process run (jax.distributed, gloo, a coordinator on 127.0.0.1): each process holds
   one device of a data=2 mesh and every process ends with the unsharded tokens."""
+  for result in _in_two_processes("_process_run({port}, {process_id})"):
+    assert result["devices"] == 2 and result["local"] == 1
+    assert result["ar"] == sharded["ar"] and result["spec"] == sharded["spec"]
+
+
+def test_two_processes_train_as_one_reading_their_own_rows(tmp_path):
+  """Multi-process training: each process reads only its half of the batch (and of the teacher
+  cache that process 0 built), the losses and the exported drafter are one process's, and
+  process 0 alone writes the metrics."""
+  from budgetdraft import drafters
+  from tests import test_training
+
+  results = _in_two_processes(f"_process_training({{port}}, {{process_id}}, {str(tmp_path)!r})")
+  assert [r["rows"] for r in results] == [[0, 1, 2, 3], [4, 5, 6, 7]]
+  alone = _tiny_training(str(tmp_path / "alone"))
+  for result in results:
+    assert result["losses"] == pytest.approx(alone, rel=1e-5)
+  with open(tmp_path / "run" / "metrics.jsonl") as f:
+    assert [json.loads(line)["step"] for line in f] == list(range(6))
+  config, params = test_training.make_tiny_teacher()
+  trained = [drafters.load(f"trained:{tmp_path / name}", config, params)[1]
+             for name in ("run", "alone")]
+  assert max(float(np.abs(np.asarray(a) - np.asarray(b)).max())
+             for a, b in zip(*map(jax.tree.leaves, trained))) < 1e-5
+
+
+def _in_two_processes(call: str) -> list[dict]:
+  """The JSON results of `tests.test_parallel.<call>` in two CPU processes of one run (a
+  coordinator on a free 127.0.0.1 port; `call` formats {port} and {process_id})."""
   with socket.socket() as probe:
     probe.bind(("127.0.0.1", 0))
     port = probe.getsockname()[1]
@@ -205,16 +289,16 @@ def test_two_processes_decode_what_one_does(sharded):
   env.pop("XLA_FLAGS", None)
   runs = [subprocess.Popen(
       [sys.executable, "-c", "import json, tests.test_parallel as t; "
-       f"print('RESULT', json.dumps(t._process_run({port}, {i})))"],
+       f"print('RESULT', json.dumps(t.{call.format(port=port, process_id=i)}))"],
       cwd=REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
       for i in range(2)]
+  results = []
   for run in runs:
     stdout, stderr = run.communicate(timeout=600)
     assert run.returncode == 0, stderr[-3000:]
     line = [l for l in stdout.splitlines() if l.startswith("RESULT ")][-1]
-    result = json.loads(line[len("RESULT "):])
-    assert result["devices"] == 2 and result["local"] == 1
-    assert result["ar"] == sharded["ar"] and result["spec"] == sharded["spec"]
+    results.append(json.loads(line[len("RESULT "):]))
+  return results
 
 
 def test_sharded_decoding_equals_unsharded(sharded):
@@ -223,6 +307,16 @@ def test_sharded_decoding_equals_unsharded(sharded):
     assert sharded[mesh]["ar"] == sharded["ar"], mesh
     assert sharded[mesh]["spec"] == sharded["spec"], mesh
   assert sharded["ar"] == sharded["spec"]  # greedy speculative = greedy AR
+
+
+def test_pallas_kernels_run_on_local_shards_and_decode_as_unsharded(sharded):
+  """attention_impl="pallas" on a mesh: the kernels run in shard_map on each device's rows and
+  heads (GSPMD cannot split them), and greedy decoding gives the unsharded kernels' tokens."""
+  pallas = sharded["pallas"]
+  assert pallas["kernel in shard_map"]
+  assert pallas["kernel queries"] == [1, 1, 2, 16]  # 4 rows over data=4, 4 heads over model=2
+  assert pallas["data=4,model=2"] == pallas["unsharded"]
+  assert pallas["unsharded"]["ar"] == pallas["unsharded"]["spec"]
 
 
 def test_the_speedup_experiment_measures_the_same_decoding_on_a_mesh(sharded):
@@ -252,6 +346,8 @@ def test_sharded_training_equals_unsharded_and_resumes_on_another_mesh():
   assert out["specs"] == {"layers/q_proj/kernel": [None, "data", "model"],
                           "layers/down_proj/kernel": [None, "model", "data"]}
   assert out["moment_spec"] == [None, "data", "model"]  # Adam's moments sharded like the params
+  # On the Pallas kernels (in shard_map on the mesh) too.
+  assert out["pallas"]["data=4,model=2"] == pytest.approx(out["pallas"]["unsharded"], rel=1e-5)
 
 
 @pytest.mark.parametrize("spec, message", [

@@ -12,7 +12,10 @@ data = 4): sharding changes where a computation runs, never what it computes.
 """
 
 from collections.abc import Mapping
+import contextlib
+import dataclasses
 
+import flax.linen as nn
 import jax
 from jax.experimental import multihost_utils
 from jax.sharding import AxisType, NamedSharding, PartitionSpec
@@ -78,6 +81,17 @@ def make_mesh(spec: str = "", devices=None) -> jax.sharding.Mesh:
                        axis_types=(AxisType.Auto, AxisType.Auto), devices=devices)
 
 
+def running_on(mesh):
+  """The context in which Pallas kernels run on each device's shard of `mesh`
+  (`models.attention.on_local_shards` reads the mesh and this module's rules from it); a no-op
+  for None. The jnp path needs no context: GSPMD follows the inputs' shardings."""
+  stack = contextlib.ExitStack()
+  if mesh is not None:
+    stack.enter_context(jax.set_mesh(mesh))
+    stack.enter_context(nn.logical_axis_rules(RULES))
+  return stack
+
+
 def mesh_from_flag(spec: str):
   """An entry point's `--config.mesh`: `make_mesh(spec)` when given or when several devices are
   present (then "" puts all on data), else None (one device: no mesh)."""
@@ -141,13 +155,62 @@ def replicated(mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 
 
+def place_params(mesh, params, rules=RULES):
+  """A params tree on `mesh` by `rules` (tensor-parallel over `model`); unchanged when mesh is
+  None. Every jitted function given these params then runs on the mesh."""
+  if mesh is None:
+    return params
+  if jax.process_count() > 1:  # every process holds the same copy: each puts its own shards
+    params = jax.tree.map(np.asarray, params)
+  return jax.device_put(params, param_shardings(mesh, params, rules))
+
+
+def place_checkpoint(mesh, checkpoint):
+  """A loaded model (`checkpoint_io.Checkpoint`) with its params on `mesh`."""
+  return (checkpoint if mesh is None else
+          dataclasses.replace(checkpoint, params=place_params(mesh, checkpoint.params)))
+
+
+def place_drafter(mesh, drafter: tuple) -> tuple:
+  """A drafter's (config, params) (`drafters.load`) with its params on `mesh`."""
+  config, params = drafter
+  return config, place_params(mesh, params)
+
+
 def place(mesh, params_trees: tuple, prompt, lengths):
   """(params trees, prompt, lengths) on `mesh` by the rules; unchanged when mesh is None."""
   if mesh is None:
     return params_trees, prompt, lengths
-  params_trees = tuple(jax.device_put(p, param_shardings(mesh, p)) for p in params_trees)
+  params_trees = tuple(place_params(mesh, p) for p in params_trees)
   prompt, lengths = (jax.device_put(x, batch_sharding(mesh, x.shape)) for x in (prompt, lengths))
   return params_trees, prompt, lengths
+
+
+def process_rows(mesh, batch_size: int) -> np.ndarray:
+  """The rows of a [batch_size, ...] batch that this process's devices hold (all rows with one
+  process, or where `data` does not divide the batch): the only rows it needs to read."""
+  shards = batch_sharding(mesh, (batch_size,)).addressable_devices_indices_map((batch_size,))
+  rows = {row for (index,) in shards.values() for row in range(batch_size)[index]}
+  return np.array(sorted(rows))
+
+
+def from_process_rows(mesh, local, batch_size: int) -> jax.Array:
+  """The global [batch_size, ...] array (split along `batch`) of which this process read the
+  rows `process_rows(mesh, batch_size)`."""
+  local = np.asarray(local)
+  shape = (batch_size,) + local.shape[1:]
+  return jax.make_array_from_process_local_data(batch_sharding(mesh, shape), local, shape)
+
+
+def is_writer() -> bool:
+  """Whether this process writes logs, metrics, results and exports (process 0 of a run)."""
+  return jax.process_index() == 0
+
+
+def barrier(name: str) -> None:
+  """Every process waits here for the others (e.g. for process 0's files); one process: no-op."""
+  if jax.process_count() > 1:
+    multihost_utils.sync_global_devices(name)
 
 
 def place_state(mesh, state, batch_size: int):

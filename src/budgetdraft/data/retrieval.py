@@ -1,13 +1,17 @@
-"""Retrieval-style long prompts: a pass key hidden at a chosen depth of long filler text.
+"""Retrieval-style long prompts: a needle hidden at a chosen depth of long filler text.
 
-The prompt asks for the key at its end, so a model answers only if what it kept of the prompt still
-holds the needle; pruning the prompt (speculative prefill, KV selection) can lose it. Keys are
-random 5-digit numbers drawn from a seeded generator, so a table is reproducible.
+The prompt asks for the needle at its end, so a model answers only if what it kept of the prompt
+still holds it; pruning the prompt (speculative prefill, KV selection) or drafting over a sparse
+KV cache can lose it. `passkey_prompts` hides 5-digit keys in given filler tokens; `task_prompts`
+assembles the `long_retrieval` dataset's tasks (pass key, key-value retrieval, passage
+continuation) at any token length. Everything is seeded, so a table is reproducible.
 """
 
 import dataclasses
 
 import numpy as np
+
+from budgetdraft.data.long_retrieval import TASKS, LongRetrieval
 
 INTRO = ("There is a pass key hidden in the long text below. Find it and remember it: you will be "
          "asked for it at the end.\n\n")
@@ -22,19 +26,24 @@ class PasskeyPrompt:
   depth: float        # where the needle sits, as a fraction of the filler
 
 
-def passkey_prompt(tokenizer, filler, length: int, depth: float, key: str) -> PasskeyPrompt:
+def assemble(intro: list[int], filler, needle: list[int], question: list[int], length: int,
+             depth: float) -> list[int]:
   """A `length`-token prompt: intro, filler tokens with the needle at `depth`, question."""
   if not 0 <= depth <= 1:
     raise ValueError(f"depth={depth} must be in [0, 1]")
-  intro, question = tokenizer.encode(INTRO), tokenizer.encode(QUESTION)
-  needle = tokenizer.encode(NEEDLE.format(key=key))
   room = length - len(intro) - len(needle) - len(question)
   if room < 1 or len(filler) < room:
-    raise ValueError(f"a {length}-token pass-key prompt needs {max(room, 1)} filler tokens "
+    raise ValueError(f"a {length}-token retrieval prompt needs {max(room, 1)} filler tokens "
                      f"(got {len(filler)}); raise the length or pass longer filler")
   filler = list(np.asarray(filler[:room]).tolist())
   at = int(round(depth * room))
-  tokens = intro + filler[:at] + needle + filler[at:] + question
+  return intro + filler[:at] + needle + filler[at:] + question
+
+
+def passkey_prompt(tokenizer, filler, length: int, depth: float, key: str) -> PasskeyPrompt:
+  """A `length`-token prompt: intro, filler tokens with the needle at `depth`, question."""
+  tokens = assemble(tokenizer.encode(INTRO), filler, tokenizer.encode(NEEDLE.format(key=key)),
+                    tokenizer.encode(QUESTION), length, depth)
   return PasskeyPrompt(tokens=tokens, answer=key, depth=depth)
 
 
@@ -50,3 +59,37 @@ def passkey_prompts(tokenizer, fillers, length: int, count: int, seed: int = 0):
 def answered(text: str, prompt: PasskeyPrompt) -> bool:
   """Whether generated `text` states the key."""
   return prompt.answer in text.replace(" ", "")
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskPrompt:
+  tokens: list[int]   # exactly the requested length
+  answer: str         # the text that correctly continues the prompt
+  task: str
+  depth: float        # where the inserted text sits, as a fraction of the filler
+
+
+def task_prompts(data_dir: str, task: str, tokenizer, length: int, count: int) -> list[TaskPrompt]:
+  """`count` `length`-token prompts of a `long_retrieval` task, depths cycling over its depths
+  (0.1, 0.3, ..., 0.9) before the next instance of each."""
+  if task not in TASKS:
+    raise ValueError(f"unknown retrieval task {task!r}; valid: {TASKS}")
+  builder = LongRetrieval(data_dir=data_dir)
+  if not builder.is_prepared():
+    raise FileNotFoundError(f"long_retrieval is not prepared under {data_dir}; run `make data` "
+                            f"(or experiments/prepare_data.py --data_dir={data_dir})")
+  source = builder.as_data_source(split="validation")
+  text = lambda value: value.decode("utf-8") if isinstance(value, bytes) else str(value)
+  examples = [source[i] for i in range(len(source))]
+  examples = sorted((e for e in examples if text(e["task"]) == task),
+                    key=lambda e: (int(text(e["id"]).rsplit("/", 1)[1]), float(e["depth"])))
+  if count > len(examples):
+    raise ValueError(f"{count} {task} prompts asked for; long_retrieval holds {len(examples)}")
+  prompts = []
+  for e in examples[:count]:
+    filler = tokenizer.encode(text(e["filler"]))
+    tokens = assemble(tokenizer.encode(text(e["intro"])), filler,
+                      tokenizer.encode(text(e["insert"])), tokenizer.encode(text(e["question"])),
+                      length, float(e["depth"]))
+    prompts.append(TaskPrompt(tokens, text(e["answer"]), task, round(float(e["depth"]), 3)))
+  return prompts

@@ -112,8 +112,9 @@ def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_
   check_token_id("eos_id", eos_id, config.vocab_size)
   kwargs = dict(config=config, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
   (params,), prompt, lengths = parallel.place(mesh, (params,), prompt, lengths)
-  state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,
-                prefill_chunk=prefill_chunk, **kwargs)
-  state = decode(params, parallel.place_state(mesh, state, len(prompts)), **kwargs)
+  with parallel.running_on(mesh):
+    state = start(params, prompt, lengths, rng, max_new_tokens=max_new_tokens,
+                  prefill_chunk=prefill_chunk, **kwargs)
+    state = decode(params, parallel.place_state(mesh, state, len(prompts)), **kwargs)
   tokens, counts = parallel.to_host(state.tokens), parallel.to_host(state.num_emitted)
   return [row[:n].tolist() for row, n in zip(tokens, counts)]

@@ -455,9 +455,10 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
   static = dict(verifier_config=verifier_config, drafter_config=drafter_config, spec=spec)
   (verifier_params, drafter_params), prompt, lengths = parallel.place(
       mesh, (verifier_params, drafter_params), prompt, lengths)
-  state = start(verifier_params, drafter_params, prompt, lengths, rng, **static)
-  state = decode(verifier_params, drafter_params,
-                 parallel.place_state(mesh, state, len(prompts)), **static)
+  with parallel.running_on(mesh):
+    state = start(verifier_params, drafter_params, prompt, lengths, rng, **static)
+    state = decode(verifier_params, drafter_params,
+                   parallel.place_state(mesh, state, len(prompts)), **static)
   return outputs_and_stats(state, spec)
 
 

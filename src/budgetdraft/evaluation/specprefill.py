@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from budgetdraft import drafters as drafters_lib
-from budgetdraft import specprefill
+from budgetdraft import parallel, specprefill
 from budgetdraft.data import retrieval
 from budgetdraft.decoding import autoregressive, sampling as sampling_lib, speculative
 from budgetdraft.evaluation import decode_speed, timing
@@ -127,10 +127,11 @@ def _full(verifier: Checkpoint, item: Prompt, settings: Settings, capacity: int)
 
 def specprefill_table(verifier: Checkpoint, prompts: dict, scorers: list[str],
                       keep_rates: list[float], settings: Settings,
-                      selection: specprefill.SpecPrefillConfig) -> list[dict]:
+                      selection: specprefill.SpecPrefillConfig, mesh=None) -> list[dict]:
   """One row per (context, task, scorer, keep rate) plus each (context, task)'s full prefill.
 
   prompts: {context: [Prompt]}. Quality and times are means over the prompts of a (context, task).
+  mesh: where the verifier's params are placed (`parallel.place_checkpoint`); scorers go there too.
   """
   rows = []
   for context, items in prompts.items():
@@ -149,7 +150,8 @@ def specprefill_table(verifier: Checkpoint, prompts: dict, scorers: list[str],
                        e2e_ar=1.0, e2e_spec=float("nan"), tokens_per_call=float("nan")))
       logging.info("%s", rows[-1])
     for source in scorers:
-      scorer = drafters_lib.load(source, verifier.config, verifier.params)
+      scorer = parallel.place_drafter(mesh, drafters_lib.load(source, verifier.config,
+                                                              verifier.params))
       scored = [_score(scorer, item, settings, selection, capacity) for item in items]
       for rate in keep_rates:
         chosen = dataclasses.replace(selection, keep_rate=rate)

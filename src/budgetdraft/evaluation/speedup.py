@@ -113,7 +113,9 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=N
     for variant in variants:
       sampling = variant.spec.sampling
       if sampling not in ar_runs:
-        ar_runs[sampling] = [measure_ar(verifier, p, variant.spec, mesh) for p in prompt_batches]
+        with parallel.running_on(mesh):
+          ar_runs[sampling] = [measure_ar(verifier, p, variant.spec, mesh)
+                               for p in prompt_batches]
         logging.info("context %d AR (%s): prefill %.2fs decode %.2fs", context, sampling,
                      sum(a[0] for a in ar_runs[sampling]), sum(a[1] for a in ar_runs[sampling]))
     loaded = {}
@@ -125,7 +127,8 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=N
         loaded[variant.drafter] = drafters_lib.load(variant.drafter, verifier.config,
                                                     verifier.params)
       drafter = loaded[variant.drafter]
-      runs = [measure_speculative(verifier, drafter, p, spec, mesh) for p in prompt_batches]
+      with parallel.running_on(mesh):
+        runs = [measure_speculative(verifier, drafter, p, spec, mesh) for p in prompt_batches]
       total = lambda key: sum(r[key] for r in runs)
       stats = sum((r["stats"] for r in runs[1:]), runs[0]["stats"])
       decode_s = total("decode_s")

@@ -6,10 +6,13 @@ Two implementations share one visibility rule (`visible_mask`):
   than [chunk, block] scores and a decode step over a half-empty cache reads half of it;
 - `dense_attention`: one masked softmax over every slot, for small caches (the sparse drafter cache)
   and for passes that need the attention probabilities themselves (KV selection scores).
+The Pallas kernels (`attention_impl="pallas"`) run through `on_local_shards`.
 """
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec
 
 _MASKED = -1e30
 
@@ -46,6 +49,46 @@ def _ungroup(out, dtype):
   batch, num_kv_heads, group, num_new, head_dim = out.shape
   return out.transpose(0, 3, 1, 2, 4).reshape(batch, num_new, num_kv_heads * group,
                                               head_dim).astype(dtype)
+
+
+def on_local_shards(kernel, args: tuple, axes: tuple, out_axes: tuple):
+  """kernel(*args), on each device's shard when a mesh is set (`parallel.running_on`).
+
+  GSPMD cannot split a Pallas kernel, so under a mesh it runs in `shard_map`: each argument is
+  split by its logical axes (`axes`, one name or None per dimension: "batch", "heads",
+  "kv_heads") through the rules in context (`nn.logical_axis_rules`), and the kernel sees one
+  device's rows and heads. A name whose mesh axis does not divide every dimension it labels stays
+  whole (a query group never straddles devices). With no mesh: kernel(*args).
+  """
+  mesh = jax.sharding.get_abstract_mesh()
+  if mesh.empty:
+    return kernel(*args)
+  rules = dict(nn.get_logical_axis_rules())
+  sizes = {}
+  for arg, names in zip(args, axes):
+    for size, name in zip(arg.shape, names):
+      sizes.setdefault(name, set()).add(size)
+
+  def mesh_axis(name):
+    axis = rules.get(name)
+    if axis not in mesh.axis_names or mesh.shape[axis] == 1:
+      return None
+    return axis if all(size % mesh.shape[axis] == 0 for size in sizes[name]) else None
+  spec = lambda names: PartitionSpec(*(None if name is None else mesh_axis(name) for name in names))
+  return jax.shard_map(kernel, mesh=mesh, in_specs=tuple(map(spec, axes)), out_specs=spec(out_axes),
+                       check_vma=False)(*args)
+
+
+# The logical axes of the kernels' arguments, in order, for `on_local_shards`: queries and outputs
+# [B, T, H, D]; keys, values and block tables [B, Hkv, ., .]; key positions, keep flags and block
+# counts [B, Hkv, .]; query positions and ring starts [B, T].
+QUERIES = ("batch", None, "heads", None)
+_BY_HEAD = ("batch", "kv_heads", None, None)
+_PER_HEAD = ("batch", "kv_heads", None)
+_PER_ROW = ("batch", None)
+BLOCK_SPARSE_AXES = (QUERIES, _BY_HEAD, _BY_HEAD, _PER_ROW, _PER_HEAD, _BY_HEAD, _PER_HEAD,
+                     _PER_ROW)  # the last: ring_from
+SPARSE_DECODE_AXES = (QUERIES, _BY_HEAD, _BY_HEAD, _PER_HEAD, _PER_ROW)
 
 
 def dense_attention(q, k, v, visible):

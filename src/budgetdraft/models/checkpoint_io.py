@@ -364,11 +364,25 @@ def take_layers(config: ModelConfig, params: dict, num_layers: int) -> tuple[Mod
 # ---------------------------------------------------------------------------------------- orbax
 
 
+def _alone() -> ocp.StandardCheckpointer:
+  """A checkpointer for this process alone: no barrier with the others of a multi-process run."""
+  me = jax.process_index()
+  return ocp.StandardCheckpointer(multiprocessing_options=ocp.options.MultiprocessingOptions(
+      primary_host=me, active_processes={me}))
+
+
 def save_params(directory: str, params: dict) -> None:
-  checkpointer = ocp.StandardCheckpointer()
+  """Writes a params tree from this process alone (in a multi-process run, give host arrays)."""
+  checkpointer = _alone()
   checkpointer.save(os.path.abspath(directory), params)
   checkpointer.wait_until_finished()
 
 
 def restore_params(directory: str) -> dict:
-  return ocp.StandardCheckpointer().restore(os.path.abspath(directory))
+  """Reads a params tree into this process alone, onto its first local device (a multi-process
+  run does so in every process; `parallel.place_params` then lays it out on a mesh)."""
+  path, checkpointer = os.path.abspath(directory), _alone()
+  local = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+  target = jax.tree.map(lambda leaf: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=local),
+                        checkpointer.metadata(path).item_metadata)
+  return checkpointer.restore(path, target)

@@ -136,9 +136,11 @@ class FullKVCache(_Length):
                               (batch, num_kv_heads, 1)).astype(jnp.int32)
     keep = jnp.ones((batch, num_kv_heads, self.capacity), jnp.int32)
     slots = self.filled[:, None] + jnp.arange(num_new)[None, :]
-    return pallas_kernels.block_sparse_attention(
-        q, self.k[layer], self.v[layer], slots, keep, table, counts, block_q=num_new,
-        block_k=block)
+    kernel = lambda *args: pallas_kernels.block_sparse_attention(*args, block_q=num_new,
+                                                                 block_k=block)
+    return attention.on_local_shards(
+        kernel, (q, self.k[layer], self.v[layer], slots, keep, table, counts),
+        attention.BLOCK_SPARSE_AXES[:-1], attention.QUERIES)  # no ring
 
   def attend_with_probs(self, layer, q, chunk_mask):
     """Dense attention over every slot (the probabilities feed KV selection scores)."""
@@ -227,8 +229,10 @@ class SparseKVCache(_Length):
     """Attention of q [B, T, H, D] over the kept keys and the ring (chunk_mask None = causal)."""
     if self.attention_impl == "pallas" and chunk_mask is None:
       query_positions = self.length[:, None] + jnp.arange(q.shape[1])[None, :]
-      return pallas_kernels.sparse_decode_attention(q, self.k[layer], self.v[layer],
-                                                    self.positions[layer], query_positions)
+      return attention.on_local_shards(
+          pallas_kernels.sparse_decode_attention,
+          (q, self.k[layer], self.v[layer], self.positions[layer], query_positions),
+          attention.SPARSE_DECODE_AXES, attention.QUERIES)
     return self.attend_with_probs(layer, q, chunk_mask)[0]
 
   def attend_with_probs(self, layer, q, chunk_mask):
@@ -306,9 +310,11 @@ class MaskedKVCache:
     table = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
                              (batch, num_kv_heads, num_q_blocks, num_blocks))
     ring_from = jnp.maximum(self.ring_base[:, None], query_positions - self.ring_size + 1)
-    return pallas_kernels.block_sparse_attention(
-        q, cache.k[layer], cache.v[layer], query_positions, self.keep[layer], table, counts,
-        block_q=block_q, block_k=block_k, ring_from=ring_from)
+    kernel = lambda *args: pallas_kernels.block_sparse_attention(
+        *args[:-1], block_q=block_q, block_k=block_k, ring_from=args[-1])
+    args = (q, cache.k[layer], cache.v[layer], query_positions, self.keep[layer], table, counts,
+            ring_from)
+    return attention.on_local_shards(kernel, args, attention.BLOCK_SPARSE_AXES, attention.QUERIES)
 
   def attend_with_probs(self, layer, q, chunk_mask):
     batch, num_new = q.shape[:2]

@@ -56,7 +56,9 @@ class _Teacher:
       if with_features:
         manifest["features"] = verifier_config.dim
       self.cache = teacher_lib.TeacherCache(config.teacher.cache_dir, manifest)
-      self.cache.build(self.compute, sequences)
+      if parallel.is_writer():  # one process computes the cache, the others then read it
+        self.cache.build(self.compute, sequences)
+      parallel.barrier("teacher cache")
 
   def __call__(self, indices):
     """(ids, probs, hidden states or None)."""
@@ -68,9 +70,13 @@ class _Teacher:
 
 
 class _Progress:
-  """Per-step metrics to metrics.jsonl and TensorBoard; an aggregated progress line in the log."""
+  """Per-step metrics to metrics.jsonl and TensorBoard; an aggregated progress line in the log.
+  Process 0 writes them; the other processes of a run record nothing."""
 
   def __init__(self, workdir: str, start_step: int, total_steps: int, tokens_per_step: int):
+    self.writes = parallel.is_writer()
+    if not self.writes:
+      return
     self.path = os.path.join(workdir, "metrics.jsonl")
     self._keep_lines_before(start_step)
     self.writer = SummaryWriter(os.path.join(workdir, "tensorboard"))
@@ -91,6 +97,8 @@ class _Progress:
       os.replace(self.path + ".partial", self.path)
 
   def record(self, step: int, metrics: dict, budgets: np.ndarray, log: bool):
+    if not self.writes:
+      return
     record = {"step": step, "loss": float(metrics["loss"]), "full": float(metrics["full"]),
               "sparse": float(metrics["sparse"]), "grad_norm": float(metrics["grad_norm"]),
               "acceptance_full": float(metrics["acceptance_full"]),
@@ -132,14 +140,16 @@ class _Progress:
     self.pending = []
 
   def close(self):
-    self.writer.close()
+    if self.writes:
+      self.writer.close()
 
 
 _RECORD = "train_config.json"
 
 
 def _claim_workdir(config: TrainConfig, verifier: dict) -> None:
-  """Refuses a workdir that holds another run, before anything is written; records this run."""
+  """Refuses a workdir that holds another run, before anything is written; records this run
+  (every process checks, process 0 writes)."""
   workdir, record_path = config.workdir, os.path.join(config.workdir, _RECORD)
   recipe = {**config.recipe(), "verifier_fingerprint": verifier["fingerprint"]}
   recipe = json.loads(json.dumps(recipe))  # as it reads back from the record
@@ -170,6 +180,9 @@ def _claim_workdir(config: TrainConfig, verifier: dict) -> None:
     if leftovers:
       raise ValueError(f"{workdir} holds {leftovers} of a run without {_RECORD}; use a new "
                        "workdir or move those away")
+  parallel.barrier("workdir checked")  # before process 0 writes what the others check
+  if not parallel.is_writer():
+    return
   os.makedirs(workdir, exist_ok=True)
   with open(record_path + ".partial", "w") as f:
     json.dump({"recipe": recipe, "steps": config.steps, "verifier": verifier["name"]}, f, indent=1)
@@ -237,7 +250,7 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   if mesh is not None:  # restoring below then reads a checkpoint of any mesh onto this one
     shardings = state_shardings(mesh, state, optimizer)
     state = jax.device_put(state, shardings)
-    shared = jax.device_put(shared, parallel.param_shardings(mesh, shared, parallel.FSDP_RULES))
+    shared = parallel.place_params(mesh, shared, parallel.FSDP_RULES)
   manager = ocp.CheckpointManager(os.path.join(os.path.abspath(workdir), "checkpoints"),
                                   options=ocp.CheckpointManagerOptions(max_to_keep=2))
   state = _restore(manager, state, workdir)
@@ -247,19 +260,23 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   teacher = _Teacher(config, verifier_config, verifier_params, sequences[:num_used],
                      verifier_name)
   train_step = make_train_step(model_config, config, optimizer, shardings)
-  on_batch = lambda x: x if mesh is None or x is None else jax.device_put(
-      x, parallel.batch_sharding(mesh, x.shape))
+  # On a mesh each process reads only the rows its devices hold (the teacher's included).
+  rows = (np.arange(config.batch_size) if mesh is None else
+          parallel.process_rows(mesh, config.batch_size))
+  on_batch = lambda x: x if mesh is None or x is None else parallel.from_process_rows(
+      mesh, x, config.batch_size)
   last_step = min(config.steps, stop_after or config.steps)
   progress = _Progress(workdir, int(state.step), config.steps,
                        config.batch_size * sequences.shape[1])
   history = []
   for step in range(int(state.step), last_step):
     step_budgets = sample_budgets(config, step)
-    indices = (int(state.data_position) + np.arange(config.batch_size)) % num_used
+    indices = (int(state.data_position) + rows) % num_used
     batch = (jnp.asarray(sequences[indices]),) + tuple(teacher(indices))
     tokens, teacher_ids, teacher_probs, verifier_hidden = map(on_batch, batch)
-    state, metrics = train_step(state, shared, tokens, teacher_ids, teacher_probs,
-                                jnp.asarray(step_budgets), verifier_hidden)
+    with parallel.running_on(mesh):  # Pallas views then run on each device's shard
+      state, metrics = train_step(state, shared, tokens, teacher_ids, teacher_probs,
+                                  jnp.asarray(step_budgets), verifier_hidden)
     metrics = jax.device_get(metrics)
     is_last = step + 1 == last_step
     progress.record(step, metrics, step_budgets,
@@ -271,7 +288,10 @@ def train(config: TrainConfig, verifier_config: ModelConfig, verifier_params: di
   progress.close()
   drafter_dir = os.path.join(workdir, "drafter")
   if int(state.step) == config.steps and not _exported(drafter_dir, config.steps, verifier):
-    drafters.save(drafter_dir, state.params, kind=config.drafter,
-                  num_layers=model_config.num_layers, verifier=verifier, steps=config.steps,
-                  draft_ids=draft_ids, pruned_from=config.pruned_from)
+    trained = jax.tree.map(parallel.to_host, state.params)  # every process gathers; 0 writes
+    if parallel.is_writer():
+      drafters.save(drafter_dir, trained, kind=config.drafter,
+                    num_layers=model_config.num_layers, verifier=verifier, steps=config.steps,
+                    draft_ids=draft_ids, pruned_from=config.pruned_from)
+    parallel.barrier("drafter exported")
   return history
