@@ -36,17 +36,19 @@ def main(argv):
                     for label, source in cfg.drafters}
   # The greedy path runs gamma tokens past max_new_tokens.
   lengths = {context: context - cfg.max_new_tokens - cfg.gamma for context in cfg.contexts}
+  answers = None
   if cfg.task:
-    prompts = {context: np.array([p.tokens for p in retrieval.task_prompts(
-        cfg.data_dir, cfg.task, verifier.tokenizer, length, cfg.num_prompts)])
-        for context, length in lengths.items()}
+    tasks = {context: retrieval.task_prompts(cfg.data_dir, cfg.task, verifier.tokenizer, length,
+                                             cfg.num_prompts) for context, length in lengths.items()}
+    prompts = {context: np.array([p.tokens for p in items]) for context, items in tasks.items()}
+    answers = {context: [p.answer for p in items] for context, items in tasks.items()}
   else:
     prompts = {context: packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split,
                                                   verifier.tokenizer, length, cfg.num_prompts)
                for context, length in lengths.items()}
   rows = acceptance.acceptance_vs_budget(
       verifier, drafter_models, prompts, list(cfg.budgets) + [None], sparsity, gamma=cfg.gamma,
-      max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk)
+      max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk, answers=answers)
   if not parallel.is_writer():
     return
 

@@ -7,18 +7,13 @@ Writes results/bench_batch.{md,json}. The measurement is `budgetdraft.evaluation
 with several devices it runs on `--config.mesh` (params tensor-parallel, rows over `data`).
 """
 
-import dataclasses
-
 from absl import app, flags
 from ml_collections import config_flags
 
 from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing
-from budgetdraft.decoding.sampling import SamplingConfig
-from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.evaluation import batch_throughput, results, speedup
 from budgetdraft.models import checkpoint_io
-from budgetdraft.sparsity.selection import SparsityConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_batch.py:smollm2")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table goes.")
@@ -27,12 +22,7 @@ _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table go
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  shared = SparsityConfig(budget=None, **cfg.sparsity)
-  variants = [speedup.Variant(row["drafter"], SpeculativeConfig(
-      gamma=row["gamma"], sampling=SamplingConfig(temperature=cfg.temperature),
-      max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk,
-      sparsity=None if row["policy"] is None else dataclasses.replace(
-          shared, policy=row["policy"], budget=row["budget"]))) for row in cfg.rows]
+  variants = speedup.variants(cfg)
   for variant in variants:
     drafters.check(variant.drafter)
   prompt_len = speedup.prompt_length(cfg.context, variants)

@@ -8,18 +8,13 @@ several devices both models run on `--config.mesh` (default: every device on `da
 `--config.mesh=data=1,model=2` for tensor parallelism at batch 1.
 """
 
-import dataclasses
-
 from absl import app, flags
 from ml_collections import config_flags
 
 from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing
-from budgetdraft.decoding.sampling import SamplingConfig
-from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.evaluation import results, speedup
 from budgetdraft.models import checkpoint_io
-from budgetdraft.sparsity.selection import SparsityConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/speedup.py:default")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the tables and the plot go.")
@@ -28,16 +23,7 @@ _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the tables a
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  shared = SparsityConfig(budget=None, **cfg.sparsity)
-  variants = [speedup.Variant(row["drafter"], SpeculativeConfig(
-      gamma=row.get("gamma") or cfg.gamma, num_paths=row["num_paths"], rule=row["rule"],
-      sampling=SamplingConfig(temperature=cfg.temperature if row.get("temperature") is None
-                              else row["temperature"]),
-      max_new_tokens=cfg.max_new_tokens,
-      prefill_chunk=cfg.prefill_chunk,
-      sparsity=None if row["policy"] is None else dataclasses.replace(
-          shared, policy=row["policy"], budget=row["budget"], **row.get("sparsity", {}))))
-      for row in cfg.rows]
+  variants = speedup.variants(cfg)
   for variant in variants:
     drafters.check(variant.drafter)
   prompt_lengths = {context: speedup.prompt_length(context, variants) for context in cfg.contexts}

@@ -44,3 +44,33 @@ def test_teacher_forced_replay_equals_the_engine(tiny_pair, sparsity):
   assert stats == engine  # the same rounds with the same accepted lengths
   assert 0 < stats.accepted < stats.rounds * GAMMA
   assert 0 < overlap < 1
+
+
+class _DigitTokenizer:
+  def decode(self, tokens):
+    return " ".join(map(str, tokens))
+
+  def encode(self, text):
+    return [int(word) for word in text.split() if word.isdigit()]
+
+
+def test_the_table_counts_the_verifier_retrievals_and_accepts_the_verifier_fully(tiny_pair):
+  """Every (drafter, budget) row; the verifier drafting for itself over its full cache is always
+  accepted; with answers, `verifier retrieved` counts the greedy continuations that hold one."""
+  from budgetdraft.models.checkpoint_io import Checkpoint
+  config, params, drafter = tiny_pair
+  verifier = Checkpoint(path="tiny", config=config, params=params, tokenizer=_DigitTokenizer())
+  windows = np.array([list(range(3, 90)), list(range(10, 97))])
+  greedy = autoregressive.generate(params, [windows[0].tolist()], jax.random.key(0),
+                                   config=config, max_new_tokens=NEW_TOKENS, prefill_chunk=CHUNK)[0]
+  answers = {100: [" ".join(map(str, greedy[:4])), "no such answer"]}
+  rows = acceptance.acceptance_vs_budget(
+      verifier, {"self": (config, params), "other": (config, drafter)}, {100: windows},
+      [TINY_SPARSITY.budget, None], TINY_SPARSITY, gamma=GAMMA, max_new_tokens=NEW_TOKENS,
+      prefill_chunk=CHUNK, answers=answers)
+  assert [(r["drafter"], r["budget"]) for r in rows] == [
+      ("self", TINY_SPARSITY.budget), ("self", "full"), ("other", TINY_SPARSITY.budget),
+      ("other", "full")]
+  assert rows[1]["greedy acceptance"] == 1.0 and rows[1]["sum min(p,q) T=1"] == pytest.approx(1)
+  assert {r["verifier retrieved"] for r in rows} == {"1/2"}
+  assert rows[1]["answer match"] == 1.0 and 0 <= rows[2]["answer match"] <= 1

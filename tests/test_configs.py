@@ -1,11 +1,8 @@
 """Every shipped experiment config builds and carries the fields its entry point reads."""
 
-import dataclasses
-
 import pytest
 
 from budgetdraft import verification
-from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.evaluation import speedup as speedup_lib
 from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft import specprefill as specprefill_lib
@@ -24,17 +21,13 @@ def test_speedup_variants(variant):
   cfg = speedup.get_config(variant)
   assert SPEEDUP_FIELDS <= set(cfg.keys())
   assert all(context > cfg.max_new_tokens for context in cfg.contexts) and cfg.rows
+  assert len(speedup_lib.variants(cfg)) == len(cfg.rows)  # every row a valid configuration
 
 
 @pytest.mark.parametrize("variant, prompts", [("paper", [3800, 7870]), ("paper_quick", [3800])])
 def test_the_paper_protocol_builds_valid_rows_at_the_published_prompt_length(variant, prompts):
   cfg = speedup.get_config(variant)
-  shared = SparsityConfig(budget=None, **cfg.sparsity)
-  variants = [speedup_lib.Variant(row["drafter"], SpeculativeConfig(
-      gamma=row["gamma"], max_new_tokens=cfg.max_new_tokens,
-      sparsity=None if row["policy"] is None else dataclasses.replace(
-          shared, policy=row["policy"], budget=row["budget"], **row["sparsity"])))
-      for row in cfg.rows]  # builds every SparsityConfig: budgets are whole chunks
+  variants = speedup_lib.variants(cfg)  # builds every SparsityConfig: budgets are whole chunks
   assert [speedup_lib.prompt_length(c, variants) for c in cfg.contexts] == prompts
   assert {v.spec.gamma for v in variants} <= set(speedup.PAPER_GAMMAS)
   assert all(v.spec.sparsity.recent >= cfg.max_new_tokens for v in variants if v.spec.sparsity)
@@ -49,11 +42,8 @@ def test_every_experiment_that_runs_a_model_takes_a_mesh(module):
 
 def test_the_batch_table_builds_valid_rows():
   cfg = bench_batch.get_config()
-  shared = SparsityConfig(budget=None, **cfg.sparsity)
-  variants = [speedup_lib.Variant(row["drafter"], SpeculativeConfig(
-      gamma=row["gamma"], max_new_tokens=cfg.max_new_tokens,
-      sparsity=dataclasses.replace(shared, policy=row["policy"], budget=row["budget"])))
-      for row in cfg.rows]
+  variants = speedup_lib.variants(cfg)
+  assert [v.spec.gamma for v in variants] == [4, 3]
   assert speedup_lib.prompt_length(cfg.context, variants) == 4096 - 32 - 5  # 4K, a 4-token draft
   assert sorted(cfg.batch_sizes) == list(cfg.batch_sizes)
   assert max(cfg.batch_sizes) % cfg.distinct_prompts == 0

@@ -195,6 +195,14 @@ def test_task_prompts_put_the_answer_only_at_their_depth(tiny_retrieval, task):
       assert text.index(cue + prompt.answer.rstrip('"')) < question
 
 
+def test_a_continuation_retrieves_an_answer_by_its_first_words():
+  assert retrieval.retrieved(" 58731. The pass", " 58731.")
+  assert not retrieval.retrieved(" 5873", " 58731.")
+  passage = ' the porters, the singers,\nthe Nethinims, and all they that had separated themselves"'
+  assert retrieval.retrieved("the porters, the singers, the  Nethinims, and all they that", passage)
+  assert not retrieval.retrieved("the porters, the singers, and all", passage)
+
+
 def test_task_prompts_refuse_unknown_tasks_and_unprepared_data(tiny_retrieval, tmp_path):
   data_dir, _ = tiny_retrieval
   with pytest.raises(ValueError, match="unknown retrieval task 'needle'"):

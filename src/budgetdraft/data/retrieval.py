@@ -61,6 +61,13 @@ def answered(text: str, prompt: PasskeyPrompt) -> bool:
   return prompt.answer in text.replace(" ", "")
 
 
+def retrieved(text: str, answer: str, words: int = 8) -> bool:
+  """Whether generated `text` holds a task answer's first `words` words (quotes and a final
+  period aside; spacing free): the model found the needle."""
+  core = " ".join(answer.strip().rstrip('."').split()[:words])
+  return core in " ".join(text.split())
+
+
 @dataclasses.dataclass(frozen=True)
 class TaskPrompt:
   tokens: list[int]   # exactly the requested length

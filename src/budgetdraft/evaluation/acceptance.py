@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from budgetdraft.data import retrieval
 from budgetdraft.decoding import autoregressive
 from budgetdraft.decoding.speculative import RoundStats
 from budgetdraft.evaluation import results
@@ -84,16 +85,20 @@ def teacher_forced_logits(config: ModelConfig, params, prompt, continuation, spa
 
 def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, budgets: list,
                          sparsity: selection.SparsityConfig, *, gamma: int, max_new_tokens: int,
-                         prefill_chunk: int) -> list[dict]:
+                         prefill_chunk: int, answers: dict | None = None) -> list[dict]:
   """Rows (context, drafter, budget, greedy acceptance, tokens/call, sum min(p,q) T=1).
 
   drafters: {label: (config, params)}; prompts: {context: [N, P] prompt tokens}; budgets: kept
   keys per layer and KV head (None = the full cache); sparsity: policy and sizes (budget unset).
+  answers: {context: [text that correctly continues each prompt]} for retrieval tasks; the rows
+  then count the verifier's greedy continuations that hold it (`verifier retrieved`), and give
+  the drafter's agreement with the verifier on the answer's drafted tokens (`answer match`: its
+  tokens after the first, which the verifier emits itself): what only distant context holds.
   """
   sparsities = [None if b is None else dataclasses.replace(sparsity, budget=b) for b in budgets]
   rows = []
   for context, windows in prompts.items():
-    totals = {}
+    totals, hits, answer_matches = {}, 0, {}
     for prompt_index, window in enumerate(windows):
       started = time.time()
       prompt = jnp.asarray(window[None])
@@ -101,6 +106,11 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, bu
           verifier.params, [window.tolist()], jax.random.key(0), config=verifier.config,
           max_new_tokens=max_new_tokens + gamma, prefill_chunk=prefill_chunk)[0])
       fed = jnp.asarray(greedy[None, :-1])
+      if answers:
+        answer = answers[context][prompt_index]
+        hits += retrieval.retrieved(verifier.tokenizer.decode(greedy[:max_new_tokens].tolist()),
+                                    answer)
+        span = max(0, min(len(verifier.tokenizer.encode(answer)), max_new_tokens) - 1)
       logits = lambda config, params, sparsities: teacher_forced_logits(
           config, params, prompt, fed, sparsities, gamma=gamma, prefill_chunk=prefill_chunk,
           rng=jax.random.key(0))
@@ -112,6 +122,9 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, bu
           total_overlap, total_stats = totals.get((label, budget),
                                                   (0.0, RoundStats.of_rounds([], gamma)))
           totals[(label, budget)] = (total_overlap + overlap, total_stats + stats)
+          if answers:
+            agree = np.asarray(jnp.argmax(drafter_logits[:span], -1)) == greedy[1:span + 1]
+            answer_matches.setdefault((label, budget), []).extend(agree.tolist())
       logging.info("context %d prompt %d/%d measured in %.0f s", context, prompt_index + 1,
                    len(windows), time.time() - started)
     for (label, budget), (overlap, stats) in totals.items():
@@ -119,6 +132,9 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, bu
                    "greedy acceptance": stats.acceptance_rate,
                    "tokens/call": stats.tokens_per_call,
                    "sum min(p,q) T=1": overlap / len(windows)})
+      if answers:
+        rows[-1]["verifier retrieved"] = f"{hits}/{len(windows)}"
+        rows[-1]["answer match"] = float(np.mean(answer_matches[(label, budget)]))
   return rows
 
 

@@ -22,8 +22,10 @@ import numpy as np
 
 from budgetdraft import drafters as drafters_lib, parallel
 from budgetdraft.decoding import autoregressive, speculative
+from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.evaluation import repetition, results, timing
 from budgetdraft.models.checkpoint_io import Checkpoint
+from budgetdraft.sparsity.selection import SparsityConfig
 
 
 @dataclasses.dataclass(frozen=True)
@@ -32,6 +34,22 @@ class Variant:
 
   drafter: str
   spec: speculative.SpeculativeConfig
+
+
+def variants(cfg) -> list[Variant]:
+  """The Variants of an experiment config's `rows` (dicts with a drafter, a policy (None = a full
+  cache) and a budget, and optionally gamma, temperature, rule, num_paths and sparsity overrides
+  of the config's own: gamma, temperature, max_new_tokens, prefill_chunk, sparsity)."""
+  shared = SparsityConfig(budget=None, **cfg.sparsity)
+  pick = lambda row, key, default: default if row.get(key) is None else row[key]
+  return [Variant(row["drafter"], speculative.SpeculativeConfig(
+      gamma=pick(row, "gamma", cfg.get("gamma")), num_paths=pick(row, "num_paths", 1),
+      rule=pick(row, "rule", "block"),
+      sampling=SamplingConfig(temperature=pick(row, "temperature", cfg.temperature)),
+      max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk,
+      sparsity=None if row["policy"] is None else dataclasses.replace(
+          shared, policy=row["policy"], budget=row["budget"], **row.get("sparsity", {}))))
+      for row in cfg.rows]
 
 
 def prompt_length(context: int, variants: list[Variant]) -> int:
