@@ -22,5 +22,6 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   config.max_new_tokens = 64
   config.prefill_chunk = 512
   config.gamma = 4                  # the verify step feeds gamma + 1 tokens
+  config.layouts = ("unrolled", "scanned")  # our layer layouts (`transformer.unroll`), in order
   config.hf_peer = True             # HF transformers side by side, where it is installed
   return config

@@ -21,27 +21,33 @@ from budgetdraft.models import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py:smollm2")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table goes.")
+_LAYOUTS = ("unrolled", "scanned")
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
+  if not cfg.layouts or set(cfg.layouts) - set(_LAYOUTS):
+    raise ValueError(f"--config.layouts={cfg.layouts!r}: expected a non-empty tuple of {_LAYOUTS}")
   mesh = launch.mesh(cfg.mesh)
   model = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
   prompt = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, model.tokenizer,
                                      max(cfg.contexts) - cfg.max_new_tokens, 1)
   bandwidth, peak = timing.read_bandwidth(), timing.matmul_peak()
   logging.info("read bandwidth %.1f GB/s, matmul peak %.0f GFLOP/s", bandwidth / 1e9, peak / 1e9)
-  rows = decode_speed.decode_speed(model, prompt, list(cfg.contexts),
-                                   max_new_tokens=cfg.max_new_tokens,
-                                   prefill_chunk=cfg.prefill_chunk, bandwidth=bandwidth, peak=peak,
-                                   gamma=cfg.gamma)
+  layouts = {"unrolled": model.unrolled(), "scanned": model}
+  rows = []
+  for layout in cfg.layouts:  # the decoding layout, then the stacked one it replaces
+    rows += decode_speed.decode_speed(layouts[layout], prompt, list(cfg.contexts),
+                                      max_new_tokens=cfg.max_new_tokens,
+                                      prefill_chunk=cfg.prefill_chunk, bandwidth=bandwidth,
+                                      peak=peak, gamma=cfg.gamma)
   forwards = [forward for row in rows for forward in row.pop("forwards")]
   if cfg.hf_peer and peers.hf_installed():
     rows += peers.hf_decode_speed(model, prompt, list(cfg.contexts),
                                   max_new_tokens=cfg.max_new_tokens, bandwidth=bandwidth,
                                   weight_bytes=timing.tree_bytes(model.params),
-                                  reference_rows=rows)
+                                  reference_rows=rows[:len(cfg.contexts)])
   elif cfg.hf_peer:
     logging.warning("HF transformers is not installed (pip install -e .[peers]): no peer rows")
   if not parallel.is_writer():
@@ -56,8 +62,12 @@ def main(argv):
            f"beside it).\nMeasured read bandwidth (best of 5 max-reductions over 1 GiB): "
            f"{bandwidth / 1e9:.1f} GB/s. Floor = (weights + KV at the full context) / bandwidth "
            "per decode step; `x floor` = median step time / floor.")
-  if len(rows) > len(cfg.contexts):
-    notes += (f"\nThe rows of both systems come from this one run on the same prompt; `same greedy "
+  notes += ("\nLayers: `unrolled` runs each layer on weights and cache arrays of its own (the "
+            "decoding layout that generate, speedup and the batch table use); `scanned` runs the "
+            "stacked layers in a scan, which copies each layer's weights and keys out of the "
+            "stack on every step.")
+  if len(rows) > len(cfg.layouts) * len(cfg.contexts):
+    notes += (f"\nThe rows of all systems come from this one run on the same prompt; `same greedy "
               f"tokens`: the peer's leading greedy tokens equal to ours (of {cfg.max_new_tokens}).")
   columns = [key for key in {**rows[0], **rows[-1]} if key != "tokens"]
   rows = [{key: row.get(key, "") for key in columns} for row in rows]

@@ -39,6 +39,7 @@ def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
     ("prune.py", ["--config.targets=(0.3, 0.5)"], "decreasing"),
     ("prune.py", ["--config.budgets=(16,)"], "below sinks \\+ window"),
     ("prune.py", ["--config.calibration_length=700"], "calibration_length=700"),
+    ("bench_decode.py", ["--config.layouts=('stacked',)"], "expected a non-empty tuple of"),
 ])
 def test_bad_settings_fail_before_the_checkpoint_is_opened(script, flags, message):
   """The checkpoint does not exist: a check that ran after loading would report that instead."""

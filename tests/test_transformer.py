@@ -11,7 +11,7 @@ import pytest
 from budgetdraft.models.prefill import prefill
 from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.config import get_config
-from budgetdraft.models.transformer import Transformer, init_params
+from budgetdraft.models.transformer import Transformer, init_params, unroll
 
 # Logit tolerance per compute dtype (f32 accumulation order differs between chunkings).
 TOLERANCE = {"float32": 2e-5, "bfloat16": 0.15}
@@ -142,3 +142,57 @@ def test_tree_chunk_mask_hides_siblings(tiny_model):
   expected, _ = model.apply({"params": params}, branch, jnp.arange(4)[None],
                             FullKVCache.init(config, 1, 64))
   np.testing.assert_allclose(hidden[0, 4], expected[0, 3], atol=1e-5)
+
+
+@pytest.mark.parametrize("attention_impl", ["jnp", "pallas"])
+def test_unrolled_layout_computes_the_stacked_model(attention_impl):
+  """`unroll` (per-layer weights and cache arrays, the decoding layout) changes no number: a
+  chunked prefill, one-token steps and a tree-masked verify chunk give the stacked model's logits,
+  and the cache holds the same keys."""
+  config = get_config("tiny", attention_block=16, attention_impl=attention_impl)
+  params = init_params(config, jax.random.key(7))
+  unrolled_config, unrolled_params = unroll(config, params)
+  assert unrolled_config.unroll_layers and unrolled_config.unrolled
+  assert set(unrolled_params["layers"]) == {str(layer) for layer in range(config.num_layers)}
+  assert unroll(unrolled_config, unrolled_params)[1] is unrolled_params
+  tokens = jax.random.randint(jax.random.key(8), (2, 40), 0, config.vocab_size)
+  mask = np.tril(np.ones((4, 4), bool))
+  mask[3, 2] = False  # a draft tree: token 3 branches off token 1
+  outputs = []
+  for c, p in ((config, params), (unrolled_config, unrolled_params)):
+    forward = jitted_model(c)
+    cache = FullKVCache.init(c, 2, 48)
+    assert cache.layered == c.unroll_layers and cache.capacity == 48
+    logits, cache = forward(p, tokens[:, :33], jnp.broadcast_to(jnp.arange(33), (2, 33)), cache)
+    steps = [logits]
+    for t in range(33, 36):
+      logits, cache = forward(p, tokens[:, t:t + 1], jnp.full((2, 1), t), cache)
+      steps.append(logits)
+    model = Transformer(c)
+    hidden, tree_cache = model.apply({"params": p}, tokens[:, 36:40],
+                                     jnp.array([[36, 37, 38, 38]] * 2), cache,
+                                     jnp.broadcast_to(jnp.asarray(mask), (2, 4, 4)))
+    steps.append(model.apply({"params": p}, hidden, method=Transformer.logits))
+    keys = jnp.stack(tree_cache.k) if tree_cache.layered else tree_cache.k
+    outputs.append((jnp.concatenate(steps, 1), keys, tree_cache.length))
+  (stacked, stacked_keys, stacked_length), (unrolled, unrolled_keys, unrolled_length) = outputs
+  np.testing.assert_allclose(unrolled, stacked, atol=TOLERANCE["float32"])
+  np.testing.assert_allclose(unrolled_keys, stacked_keys, atol=1e-5)
+  np.testing.assert_array_equal(unrolled_length, stacked_length)
+
+
+def test_layered_cache_rows_and_room_match_the_stacked_cache(tiny_model):
+  """gather_rows, reserve and nbytes of a per-layer cache act on each layer as on the stack."""
+  config, params = tiny_model
+  tokens = jax.random.randint(jax.random.key(9), (3, 20), 0, config.vocab_size)
+  caches = []
+  for c, p in ((config, params), unroll(config, params)):
+    _, cache = jitted_model(c)(p, tokens, jnp.broadcast_to(jnp.arange(20), (3, 20)),
+                               FullKVCache.init(c, 3, 64))
+    caches.append(cache.gather_rows(jnp.array([2, 0, 2])).reserve(130))
+  stacked, layered = caches
+  assert layered.capacity == stacked.capacity == 192 and layered.batch_size == 3
+  assert layered.nbytes() == stacked.nbytes()
+  np.testing.assert_array_equal(jnp.stack(layered.k), stacked.k)
+  np.testing.assert_array_equal(jnp.stack(layered.v), stacked.v)
+  np.testing.assert_array_equal(layered.length, stacked.length)

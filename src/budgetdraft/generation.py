@@ -82,6 +82,7 @@ class Generation:
   drafter: (config, params), or None for autoregressive decoding with the sampling and lengths of
   `spec`. selection: a speculative prefill (`specprefill`) instead of the full one, scored by
   `scorer` ((config, params)) for AR decoding and by the drafter itself for speculative decoding.
+  The verifier decodes in the decoding layout (`transformer.unroll`).
   """
 
   def __init__(self, verifier: Checkpoint, drafter, prompt: list[int], spec: SpeculativeConfig,
@@ -93,7 +94,8 @@ class Generation:
     # A prompt shorter than a prefill chunk is prefilled in one chunk of (about) its own length.
     chunk = min(spec.prefill_chunk, -(-len(prompt) // 64) * 64)
     spec = dataclasses.replace(spec, prefill_chunk=chunk)
-    self.verifier, self.drafter, self.prompt, self.spec = verifier, drafter, prompt, spec
+    self.verifier, self.drafter, self.prompt, self.spec = (verifier.unrolled(), drafter, prompt,
+                                                           spec)
     self.stop, self.seed = tuple(s for s in stop if s), seed
     self.selection, self.scorer = selection, scorer if drafter is None else drafter
     if selection is not None and self.scorer[0].feature_dim:

@@ -14,6 +14,7 @@ data = 4): sharding changes where a computation runs, never what it computes.
 from collections.abc import Mapping
 import contextlib
 import dataclasses
+import functools
 
 import flax.linen as nn
 import jax
@@ -110,13 +111,21 @@ def logical_sharding(mesh, axes: tuple, shape: tuple, rules=RULES) -> NamedShard
   return NamedSharding(mesh, PartitionSpec(*spec))
 
 
+def param_axes(name: str) -> tuple:
+  """The logical axes of a parameter; an unrolled layer's own (layers/<l>/...) are those of the
+  stacked parameter without the leading `layers` axis."""
+  parts = name.split("/")
+  if len(parts) > 2 and parts[0] == "layers" and parts[1].isdigit():
+    return param_axes("/".join(parts[:1] + parts[2:]))[1:]
+  if name not in PARAM_AXES:
+    raise ValueError(f"parameter {name} has no entry in parallel.PARAM_AXES")
+  return PARAM_AXES[name]
+
+
 def param_shardings(mesh, params: Mapping, rules=RULES):
-  """NamedShardings for a params tree (`Transformer`'s), by `PARAM_AXES` and `rules`."""
+  """NamedShardings for a params tree (`Transformer`'s), by `param_axes` and `rules`."""
   def sharding(path, leaf):
-    name = "/".join(key.key for key in path)
-    if name not in PARAM_AXES:
-      raise ValueError(f"parameter {name} has no entry in parallel.PARAM_AXES")
-    return logical_sharding(mesh, PARAM_AXES[name], leaf.shape, rules)
+    return logical_sharding(mesh, param_axes("/".join(key.key for key in path)), leaf.shape, rules)
   return jax.tree_util.tree_map_with_path(sharding, params)
 
 
@@ -126,9 +135,11 @@ def cache_shardings(mesh, cache):
     return cache.replace(cache=cache_shardings(mesh, cache.cache),
                          keep=logical_sharding(mesh, KV[:4], cache.keep.shape),
                          ring_base=logical_sharding(mesh, ("batch",), cache.ring_base.shape))
-  axes = CACHE_AXES[type(cache)]
-  return cache.replace(**{field: logical_sharding(mesh, names, getattr(cache, field).shape)
-                          for field, names in axes.items()})
+  def sharding(names, array):  # a per-layer array of a layered cache drops the `layers` axis
+    return logical_sharding(mesh, names[-array.ndim:], array.shape)
+  return cache.replace(**{field: jax.tree.map(functools.partial(sharding, names),
+                                              getattr(cache, field))
+                          for field, names in CACHE_AXES[type(cache)].items()})
 
 
 def state_shardings(mesh, state, batch_size: int):

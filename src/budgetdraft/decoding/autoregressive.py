@@ -1,4 +1,8 @@
-"""Autoregressive decoding: one jitted `lax.while_loop` over a static-shape `DecodeState`."""
+"""Autoregressive decoding: one jitted `lax.while_loop` over a static-shape `DecodeState`.
+
+`generate` runs the model in the decoding layout (`transformer.unroll`); the jitted pieces run
+whichever layout their config and params are in.
+"""
 
 import functools
 
@@ -11,7 +15,7 @@ from budgetdraft.decoding import sampling as sampling_lib
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.prefill import check_request, check_token_id, pad_prompts, prefill
-from budgetdraft.models.transformer import Transformer
+from budgetdraft.models.transformer import Transformer, unroll
 
 
 @flax.struct.dataclass
@@ -107,9 +111,11 @@ def generate(params, prompts: list[list[int]], rng, *, config: ModelConfig, max_
   """Generates up to max_new_tokens after each prompt (a batch of token lists, any lengths).
 
   mesh: a `parallel.make_mesh` mesh to run on (params tensor-parallel, rows data-parallel).
+  The model runs in the decoding layout (`transformer.unroll`).
   """
   prompt, lengths = pad_prompts(prompts, pad_id, config.vocab_size)
   check_token_id("eos_id", eos_id, config.vocab_size)
+  config, params = unroll(config, params)
   kwargs = dict(config=config, sampling=sampling, eos_id=eos_id, pad_id=pad_id)
   (params,), prompt, lengths = parallel.place(mesh, (params,), prompt, lengths)
   with parallel.running_on(mesh):

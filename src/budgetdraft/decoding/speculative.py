@@ -28,7 +28,7 @@ from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache, SparseKVCache
 from budgetdraft.models.prefill import (check_request, check_token_id, feature_inputs,
                                         pad_prompts, prefill, request_capacity)
-from budgetdraft.models.transformer import Transformer
+from budgetdraft.models.transformer import Transformer, unroll
 from budgetdraft.sparsity import selection
 
 
@@ -327,12 +327,12 @@ def _keep_path(cache: FullKVCache, root, path, gamma: int) -> FullKVCache:
   """Moves the gamma tree entries of `path` right after the root, where the prefix continues."""
   target = (root - cache.skipped)[:, None] + 1 + jnp.arange(gamma)[None, :]  # [B, gamma] slots
   source = target + (path * gamma)[:, None]
+  rows = jnp.arange(target.shape[0])[:, None]
 
-  def move(rows, source, target):  # rows: [L, Hkv, S, D] of one batch row
-    return rows.at[:, :, target].set(rows[:, :, source])
+  def move(x):  # [..., B, Hkv, S, D]
+    return x.at[..., rows, :, target, :].set(x[..., rows, :, source, :])
 
-  move_rows = jax.vmap(move, in_axes=(1, 0, 0), out_axes=1)
-  return cache.replace(k=move_rows(cache.k, source, target), v=move_rows(cache.v, source, target))
+  return cache.map_slots(move)
 
 
 def _emitted(chosen, num_accepted, next_token, running, done, spec):
@@ -443,6 +443,7 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
   """(token lists, `RoundStats`) for a batch of prompts.
 
   mesh: a `parallel.make_mesh` mesh to run on (both models tensor-parallel, rows data-parallel).
+  The verifier runs in the decoding layout (`transformer.unroll`); the drafter as given.
   """
   if drafter_config.vocab_size != verifier_config.vocab_size:
     raise ValueError(f"drafter vocab {drafter_config.vocab_size} != verifier vocab "
@@ -452,6 +453,7 @@ def generate(verifier_params, drafter_params, prompts: list[list[int]], rng, *,
   if spec.sparsity is not None and spec.sparsity.window > int(lengths.min()):
     raise ValueError(f"sparsity window {spec.sparsity.window} exceeds the shortest prompt "
                      f"({int(lengths.min())} tokens)")
+  verifier_config, verifier_params = unroll(verifier_config, verifier_params)
   static = dict(verifier_config=verifier_config, drafter_config=drafter_config, spec=spec)
   (verifier_params, drafter_params), prompt, lengths = parallel.place(
       mesh, (verifier_params, drafter_params), prompt, lengths)

@@ -44,7 +44,9 @@ def take_rows(state, rows):
 def batch_throughput(verifier: Checkpoint, drafters: dict, variants: list[Variant], prompts,
                      batch_sizes: list[int], *, repeats: int = 3, mesh=None) -> list[dict]:
   """One row per (system, batch size): AR under the variants' sampling and lengths, then each
-  variant (its drafter from `drafters`, {source: (config, params)}). prompts: [D, P]."""
+  variant (its drafter from `drafters`, {source: (config, params)}). prompts: [D, P]. The
+  verifier decodes in the decoding layout (`transformer.unroll`)."""
+  verifier = verifier.unrolled()
   spec = variants[0].spec
   for variant in variants:  # one AR reference serves every row
     if (variant.spec.sampling, variant.spec.max_new_tokens) != (spec.sampling, spec.max_new_tokens):

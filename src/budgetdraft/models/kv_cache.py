@@ -52,6 +52,11 @@ def _round_up(value: int, multiple: int) -> int:
   return -(-value // multiple) * multiple
 
 
+# Up to this many new queries, a per-layer cache attends with one dense softmax over its slots
+# (decode and verify steps: no block loop, no block copies); longer chunks (prefill) use blocks.
+_DENSE_QUERIES = 16
+
+
 def _causal_if_none(chunk_mask, batch: int, num_new: int):
   if chunk_mask is not None:
     return chunk_mask
@@ -73,13 +78,15 @@ class _Length:
 class FullKVCache(_Length):
   """Keys (after RoPE) and values of every past token, in position order.
 
-  k, v: [layers, batch, kv_heads, capacity, head_dim]; length: [batch] int32 position of the next
-  token. skipped: [batch] prompt positions never stored (a speculative prefill keeps a subset of
-  the prompt, `specprefill`), so slot = position - skipped; 0 for an ordinary prefill.
+  k, v: [layers, batch, kv_heads, capacity, head_dim], or, for an unrolled model
+  (`config.unroll_layers`, the decoding layout), a tuple of per-layer [batch, kv_heads, capacity,
+  head_dim] arrays that a step reads and writes in place; length: [batch] int32 position of the
+  next token. skipped: [batch] prompt positions never stored (a speculative prefill keeps a
+  subset of the prompt, `specprefill`), so slot = position - skipped; 0 for an ordinary prefill.
   """
 
-  k: jax.Array
-  v: jax.Array
+  k: jax.Array | tuple[jax.Array, ...]
+  v: jax.Array | tuple[jax.Array, ...]
   length: jax.Array
   skipped: jax.Array
   attention_block: int = flax.struct.field(pytree_node=False, default=512)
@@ -87,21 +94,30 @@ class FullKVCache(_Length):
 
   @classmethod
   def init(cls, config: ModelConfig, batch_size: int, capacity: int) -> "FullKVCache":
-    """Zeroed cache; capacity is rounded up to a multiple of the attention block."""
+    """Zeroed cache (per-layer arrays for an unrolled config); capacity is rounded up to a
+    multiple of the attention block."""
     capacity = _round_up(capacity, config.attention_block)
-    shape = (config.num_layers, batch_size, config.num_kv_heads, capacity, config.head_dim)
-    return cls(k=jnp.zeros(shape, config.dtype), v=jnp.zeros(shape, config.dtype),
-               length=jnp.zeros((batch_size,), jnp.int32),
+    shape = (batch_size, config.num_kv_heads, capacity, config.head_dim)
+    if config.unroll_layers:
+      zeros = lambda: tuple(jnp.zeros(shape, config.dtype) for _ in range(config.num_layers))
+    else:
+      zeros = lambda: jnp.zeros((config.num_layers,) + shape, config.dtype)
+    return cls(k=zeros(), v=zeros(), length=jnp.zeros((batch_size,), jnp.int32),
                skipped=jnp.zeros((batch_size,), jnp.int32),
                attention_block=config.attention_block, attention_impl=config.attention_impl)
 
   @property
+  def layered(self) -> bool:
+    """Whether k and v are tuples of per-layer arrays (the decoding layout)."""
+    return isinstance(self.k, tuple)
+
+  @property
   def capacity(self) -> int:
-    return self.k.shape[3]
+    return self.k[0].shape[2] if self.layered else self.k.shape[3]
 
   @property
   def batch_size(self) -> int:
-    return self.k.shape[1]
+    return self.k[0].shape[0] if self.layered else self.k.shape[1]
 
   @property
   def filled(self):
@@ -113,15 +129,36 @@ class FullKVCache(_Length):
     del positions  # slots follow the chunk order; tree positions only affect RoPE
     rows = jnp.arange(k.shape[0])[:, None]
     slots = self.filled[:, None] + jnp.arange(k.shape[1])[None, :]
-    return self.replace(k=self.k.at[layer, rows, :, slots].set(k.astype(self.k.dtype), mode="drop"),
-                        v=self.v.at[layer, rows, :, slots].set(v.astype(self.v.dtype), mode="drop"))
+    if not self.layered:
+      store = lambda stack, new: stack.at[layer, rows, :, slots].set(new.astype(stack.dtype),
+                                                                      mode="drop")
+      return self.replace(k=store(self.k, k), v=store(self.v, v))
+
+    if k.shape[1] == 1:
+      # One token: XLA:CPU turns a one-slot scatter into a dynamic-update-slice that it then
+      # copies the whole layer array around (measured: 3x slower steps). Writing the token twice,
+      # at its slot and the next one (past the length: unread, and overwritten by the next token;
+      # dropped at capacity), keeps it a scatter, which updates in place.
+      k, v = jnp.repeat(k, 2, axis=1), jnp.repeat(v, 2, axis=1)
+      slots = self.filled[:, None] + jnp.arange(2)[None, :]
+
+    def store(layers, new):  # the layer's own array; `layer` is a static index here
+      layers = list(layers)
+      layers[layer] = layers[layer].at[rows, :, slots].set(new.astype(layers[layer].dtype),
+                                                           mode="drop")
+      return tuple(layers)
+    return self.replace(k=store(self.k, k), v=store(self.v, v))
 
   def attend(self, layer, q, chunk_mask):
     """Attention of q [B, T, H, D] over the cache (chunk_mask None = causal)."""
     if self.attention_impl == "pallas" and chunk_mask is None:
       return self._attend_pallas(layer, q)
+    if self.layered and q.shape[1] <= _DENSE_QUERIES:
+      return self.attend_with_probs(layer, q, chunk_mask)[0]
     chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
-    return attention.chunked_attention(q, self.k, self.v, layer, self.filled, chunk_mask,
+    k, v, layer = ((self.k[layer][None], self.v[layer][None], 0) if self.layered
+                   else (self.k, self.v, layer))
+    return attention.chunked_attention(q, k, v, layer, self.filled, chunk_mask,
                                        self.attention_block)
 
   def _attend_pallas(self, layer, q):
@@ -129,7 +166,7 @@ class FullKVCache(_Length):
     batch, num_new = q.shape[:2]
     block = min(self.attention_block, self.capacity)
     num_blocks = self.capacity // block
-    num_kv_heads = self.k.shape[2]
+    num_kv_heads = self.k[layer].shape[1]
     table = jnp.broadcast_to(jnp.arange(num_blocks, dtype=jnp.int32),
                              (batch, num_kv_heads, 1, num_blocks))
     counts = jnp.broadcast_to(((self.filled + num_new + block - 1) // block)[:, None, None],
@@ -149,20 +186,23 @@ class FullKVCache(_Length):
     visible = attention.visible_mask(self.filled, chunk_mask, slots)[:, None]
     return attention.dense_attention(q, self.k[layer], self.v[layer], visible)
 
+  def map_slots(self, fn) -> "FullKVCache":
+    """The cache with fn applied to k and v as [..., B, Hkv, S, D] arrays (per layer or stacked)."""
+    return self.replace(k=jax.tree.map(fn, self.k), v=jax.tree.map(fn, self.v))
+
   def reserve(self, capacity: int) -> "FullKVCache":
     """This cache with room for `capacity` positions: itself if it has it, else a padded copy."""
     if capacity <= self.capacity:
       return self
     extra = _round_up(capacity, self.attention_block) - self.capacity
-    widen = lambda x: jnp.pad(x, [(0, 0)] * 3 + [(0, extra), (0, 0)])
-    return self.replace(k=widen(self.k), v=widen(self.v))
+    return self.map_slots(lambda x: jnp.pad(x, [(0, 0)] * (x.ndim - 2) + [(0, extra), (0, 0)]))
 
   def gather_rows(self, rows) -> "FullKVCache":
-    return self.replace(k=self.k[:, rows], v=self.v[:, rows], length=self.length[rows],
-                        skipped=self.skipped[rows])
+    return self.map_slots(lambda x: jnp.take(x, rows, axis=x.ndim - 4)).replace(
+        length=self.length[rows], skipped=self.skipped[rows])
 
   def nbytes(self) -> int:
-    return self.k.nbytes + self.v.nbytes
+    return sum(x.nbytes for x in jax.tree.leaves((self.k, self.v)))
 
 
 @flax.struct.dataclass

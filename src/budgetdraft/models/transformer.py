@@ -3,8 +3,10 @@
 `Transformer.__call__(tokens, positions, cache, chunk_mask)` runs any number of new tokens against a
 cache (any `kv_cache.KVCache`): prefill and decode are the same function. Layers are stacked with
 `nn.scan` (one compiled layer, params with a leading `layers` axis), and the cache travels in the
-scan carry so that XLA updates it in place; a pruned model's layers, which differ in shape, are
-unrolled (`UnrolledLayers`, params layers/<l>/...). Applied with `mutable="intermediates"`, the
+scan carry so that XLA updates it in place. Unrolled (`UnrolledLayers`, params layers/<l>/...):
+a pruned model's layers, which differ in shape, and the decoding layout (`unroll`), whose
+separate per-layer weights and cache arrays XLA reads in place where a scan copies each layer's
+slice out of the stack. Applied with `mutable="intermediates"`, the
 call also sows each cached key's attention mass (`key_scores`, [L, B, Hkv, S]), the input of the
 KV selection policies; with `mutable="attention"`, every head's probabilities (`probs`,
 [L, B, Hkv, G, T, S]), which speculative prefill aggregates its own way; otherwise no attention
@@ -22,6 +24,8 @@ Params tree (kernels are [in, out], stacked layers lead with L):
   ids [Vd] int32} when draft_vocab. Sown (when asked): intermediates/key_scores and
   attention/probs, each a one-tuple of the [L, ...] stack.
 """
+
+import dataclasses
 
 import flax.linen as nn
 import jax
@@ -157,8 +161,8 @@ class DecoderLayer(nn.Module):
 
 
 class UnrolledLayers(nn.Module):
-  """The layers of a model whose layers differ in shape (`config.per_layer_widths`), one after
-  the other; same call and output as the scanned stack. Params: layers/<l>/..., unstacked."""
+  """The layers one after the other (`config.unrolled`), each with its own params (layers/<l>/...)
+  and its own static index into the cache; same call and output as the scanned stack."""
 
   config: ModelConfig
 
@@ -180,7 +184,7 @@ class Transformer(nn.Module):
     c = self.config
     self.embed = nn.Embed(c.vocab_size, c.dim, dtype=c.dtype, param_dtype=c.weight_dtype,
                           embedding_init=nn.initializers.normal(0.02))
-    if c.per_layer_widths:
+    if c.unrolled:
       self.layers = UnrolledLayers(c)
     else:
       self.layers = nn.scan(
@@ -225,6 +229,21 @@ class Transformer(nn.Module):
     if self.config.tie_embeddings:
       return self.embed.attend(hidden).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
+
+
+def unroll(config: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
+  """The same model in the decoding layout: layers run one by one, each with weights of its own
+  (layers/<l>/...) and, through the config, a per-layer cache (`FullKVCache.init`).
+
+  On XLA:CPU a decode step over the scanned stack copies every layer's weights and keys out of
+  their stacked arrays; these separate arrays are read in place (`results/bench_decode.md`
+  measures both). Training and the drafters keep the stack; an unrolled model is returned as is.
+  """
+  if config.unrolled:
+    return config, params
+  layers = {str(index): jax.tree.map(lambda x, index=index: x[index], params["layers"])
+            for index in range(config.num_layers)}
+  return dataclasses.replace(config, unroll_layers=True), {**params, "layers": layers}
 
 
 def init_params(config: ModelConfig, rng) -> dict:
