@@ -26,16 +26,15 @@ from budgetdraft.models.checkpoint_io import Checkpoint
 
 def take_rows(state, rows):
   """A decode state (AR or speculative, one path) whose row i is row `rows[i]` of `state`: caches
-  along their `batch` axis (`parallel.CACHE_AXES`), every array with a leading batch dimension
-  along it; the step counter and the rng stay as they are."""
+  by their `gather_rows`, every array with a leading batch dimension along it; the step counter
+  and the rng stay as they are."""
   batch_size = state.num_emitted.shape[0]
   rows = jnp.asarray(rows)
   is_cache = lambda leaf: type(leaf) in parallel.CACHE_AXES
 
   def take(leaf):
     if is_cache(leaf):
-      return leaf.replace(**{field: jnp.take(getattr(leaf, field), rows, axis=axes.index("batch"))
-                             for field, axes in parallel.CACHE_AXES[type(leaf)].items()})
+      return leaf.gather_rows(rows)
     shape = getattr(leaf, "shape", ())
     return jnp.take(leaf, rows, axis=0) if shape and shape[0] == batch_size else leaf
   return jax.tree.map(take, state, is_leaf=is_cache)
