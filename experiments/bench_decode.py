@@ -21,24 +21,25 @@ from budgetdraft.models import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py:smollm2")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table goes.")
-_LAYOUTS = ("unrolled", "scanned")
+# Our layer layouts (`transformer.unroll`), each made from the loaded (scanned) model on demand.
+_LAYOUTS = {"unrolled": checkpoint_io.Checkpoint.unrolled, "scanned": lambda model: model}
 
 
 def main(argv):
   del argv
   cfg = _CONFIG.value
   if not cfg.layouts or set(cfg.layouts) - set(_LAYOUTS):
-    raise ValueError(f"--config.layouts={cfg.layouts!r}: expected a non-empty tuple of {_LAYOUTS}")
+    raise ValueError(f"--config.layouts={cfg.layouts!r}: expected a non-empty tuple of "
+                     f"{tuple(_LAYOUTS)}")
   mesh = launch.mesh(cfg.mesh)
   model = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
   prompt = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, model.tokenizer,
                                      max(cfg.contexts) - cfg.max_new_tokens, 1)
   bandwidth, peak = timing.read_bandwidth(), timing.matmul_peak()
   logging.info("read bandwidth %.1f GB/s, matmul peak %.0f GFLOP/s", bandwidth / 1e9, peak / 1e9)
-  layouts = {"unrolled": model.unrolled(), "scanned": model}
   rows = []
   for layout in cfg.layouts:  # the decoding layout, then the stacked one it replaces
-    rows += decode_speed.decode_speed(layouts[layout], prompt, list(cfg.contexts),
+    rows += decode_speed.decode_speed(_LAYOUTS[layout](model), prompt, list(cfg.contexts),
                                       max_new_tokens=cfg.max_new_tokens,
                                       prefill_chunk=cfg.prefill_chunk, bandwidth=bandwidth,
                                       peak=peak, gamma=cfg.gamma)
