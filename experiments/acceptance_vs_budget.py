@@ -14,7 +14,6 @@ import numpy as np
 from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing, retrieval
 from budgetdraft.evaluation import acceptance, results
-from budgetdraft.models import checkpoint_io
 from budgetdraft.sparsity.selection import SparsityConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/acceptance_vs_budget.py:smollm2")
@@ -30,7 +29,7 @@ def main(argv):
   for _, source in cfg.drafters:
     drafters.check(source)
   mesh = launch.mesh(cfg.mesh)
-  verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+  verifier = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint))
   drafter_models = {label: parallel.place_drafter(mesh, drafters.load(source, verifier.config,
                                                                      verifier.params))
                     for label, source in cfg.drafters}

@@ -13,7 +13,6 @@ from ml_collections import config_flags
 from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing
 from budgetdraft.evaluation import batch_throughput, results, speedup
-from budgetdraft.models import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_batch.py:smollm2")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table goes.")
@@ -27,7 +26,7 @@ def main(argv):
     drafters.check(variant.drafter)
   prompt_len = speedup.prompt_length(cfg.context, variants)
   mesh = launch.mesh(cfg.mesh)
-  verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+  verifier = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint))
   loaded = {variant.drafter: parallel.place_drafter(mesh, drafters.load(
       variant.drafter, verifier.config, verifier.params)) for variant in variants}
   prompts = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, verifier.tokenizer,

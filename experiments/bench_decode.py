@@ -32,7 +32,7 @@ def main(argv):
     raise ValueError(f"--config.layouts={cfg.layouts!r}: expected a non-empty tuple of "
                      f"{tuple(_LAYOUTS)}")
   mesh = launch.mesh(cfg.mesh)
-  model = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+  model = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint))
   prompt = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, model.tokenizer,
                                      max(cfg.contexts) - cfg.max_new_tokens, 1)
   bandwidth, peak = timing.read_bandwidth(), timing.matmul_peak()

@@ -26,7 +26,6 @@ from ml_collections import config_flags
 from budgetdraft import drafters, generation, launch, parallel, specprefill
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
-from budgetdraft.models import checkpoint_io
 from budgetdraft.sparsity.selection import SparsityConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/generate.py:default")
@@ -66,7 +65,7 @@ def main(argv):
       text = _PROMPT.value if _PROMPT.value is not None else sys.stdin.read()
 
     mesh = launch.mesh(cfg.mesh)
-    verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+    verifier = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint))
     source = cfg.drafter
     if source == "auto":  # the shipped drafter takes feature inputs: no speculative prefill
       shipped = drafters.shipped_for(verifier.config, verifier.params)

@@ -46,7 +46,7 @@ def main(argv):
   if jax.process_count() > 1:
     raise ValueError("prune.py runs as one process (it writes the pruned models); give its "
                      "devices with --config.mesh")
-  verifier = checkpoint_io.load(cfg.checkpoint)
+  verifier = launch.checkpoint(cfg.checkpoint)
   layout = units.Layout(verifier.config, cfg.channel_group)
   extra = {}  # the extra rows, loaded before any work so that a wrong one fails early
   for source in extra_sources:

@@ -15,7 +15,6 @@ from budgetdraft.data import packing
 from budgetdraft.decoding.sampling import SamplingConfig
 from budgetdraft.decoding.speculative import SpeculativeConfig
 from budgetdraft.evaluation import results, rule_efficiency
-from budgetdraft.models import checkpoint_io
 from budgetdraft.sparsity.selection import SparsityConfig
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/rule_efficiency.py:smollm2")
@@ -33,7 +32,7 @@ def main(argv):
   drafters.check(cfg.drafter)
   prompt_len = cfg.context - cfg.max_new_tokens - max(k for _, k in cfg.rules) * cfg.gamma - 1
   mesh = launch.mesh(cfg.mesh)
-  verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+  verifier = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint))
   drafter = parallel.place_drafter(mesh, drafters.load(cfg.drafter, verifier.config,
                                                         verifier.params))
   prompts = packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split, verifier.tokenizer,

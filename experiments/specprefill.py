@@ -17,7 +17,6 @@ from budgetdraft import drafters, launch, parallel, specprefill
 from budgetdraft.data import packing, retrieval
 from budgetdraft.evaluation import results
 from budgetdraft.evaluation import specprefill as evaluation
-from budgetdraft.models import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/specprefill.py:default")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table and the plot go.")
@@ -44,7 +43,7 @@ def main(argv):
       raise ValueError(f"context {context} leaves too short a prompt after max_new_tokens="
                        f"{cfg.max_new_tokens} (at least 4 chunks of {selection.chunk} are needed)")
   mesh = launch.mesh(cfg.mesh)
-  verifier = parallel.place_checkpoint(mesh, checkpoint_io.load(cfg.checkpoint))
+  verifier = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint))
   prompts = {}
   for context, length in prompt_lengths.items():
     windows = packing.dataset_sequences(

@@ -14,7 +14,6 @@ from ml_collections import config_flags
 from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing
 from budgetdraft.evaluation import results, speedup
-from budgetdraft.models import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/speedup.py:default")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the tables and the plot go.")
@@ -28,7 +27,7 @@ def main(argv):
     drafters.check(variant.drafter)
   prompt_lengths = {context: speedup.prompt_length(context, variants) for context in cfg.contexts}
   mesh = launch.mesh(cfg.mesh)
-  verifier = checkpoint_io.load(cfg.checkpoint)
+  verifier = launch.checkpoint(cfg.checkpoint)
   if max(cfg.contexts) > verifier.config.max_context:
     raise ValueError(f"context {max(cfg.contexts)} exceeds the verifier's context of "
                      f"{verifier.config.max_context} positions ({verifier.name}); pass "

@@ -20,7 +20,6 @@ import numpy as np
 
 from budgetdraft import launch
 from budgetdraft.data import packing
-from budgetdraft.models import checkpoint_io
 from budgetdraft.training import trainer
 from budgetdraft.training.config import TrainConfig
 
@@ -33,7 +32,7 @@ def main(argv):
   del argv
   config = TrainConfig.from_dict(_CONFIG.value)
   mesh = launch.mesh(config.mesh)
-  verifier = checkpoint_io.load(config.checkpoint)
+  verifier = launch.checkpoint(config.checkpoint)
   sequences = packing.dataset_sequences(config.dataset, config.data_dir, config.split,
                                         verifier.tokenizer, config.sequence_len)
   sequences = sequences[np.random.default_rng(config.seed).permutation(len(sequences))]

@@ -23,7 +23,7 @@ import numpy as np
 from jax.experimental import pallas as pl
 
 from pallas_kernels import online_softmax
-from pallas_kernels.backend import choose
+from pallas_kernels.backend import TRITON, choose, pad_to_power_of_two
 
 _MASKED = -1e30
 
@@ -210,7 +210,10 @@ def _forward(q, k, v, query_positions, ring_from, key_keep, block_table, block_c
     out, lse = _mosaic_forward(q_blocks, bounds, k, v, key_keep, block_table, block_counts,
                                block_k, interpret)
     return _ungrouped(out, num_heads, block_q), lse
-  num_q_blocks, rows = q_blocks.shape[2], q_blocks.shape[3]
+  rows = q_blocks.shape[3]
+  q_blocks = pad_to_power_of_two(q_blocks, 3, 0)
+  bounds = pad_to_power_of_two(bounds, 4, -1)  # position -1, ring from -1: a padded row sees no key
+  num_q_blocks, padded_rows = q_blocks.shape[2], q_blocks.shape[3]
   max_blocks = block_table.shape[-1]
   out, lse = pl.pallas_call(
       functools.partial(_kernel, block_k=block_k),
@@ -218,19 +221,20 @@ def _forward(q, k, v, query_positions, ring_from, key_keep, block_table, block_c
       in_specs=[
           pl.BlockSpec((1, 1, 1, max_blocks), lambda b, h, i: (b, h, i, 0)),
           pl.BlockSpec((1, 1, 1), lambda b, h, i: (b, h, i)),
-          pl.BlockSpec((1, 1, 1, rows, head_dim), lambda b, h, i: (b, h, i, 0, 0)),
-          pl.BlockSpec((1, 1, 1, 2, rows), lambda b, h, i: (b, 0, i, 0, 0)),
+          pl.BlockSpec((1, 1, 1, padded_rows, head_dim), lambda b, h, i: (b, h, i, 0, 0)),
+          pl.BlockSpec((1, 1, 1, 2, padded_rows), lambda b, h, i: (b, 0, i, 0, 0)),
           pl.BlockSpec((1, 1, num_keys, head_dim), lambda b, h, i: (b, h, 0, 0)),
           pl.BlockSpec((1, 1, num_keys, head_dim), lambda b, h, i: (b, h, 0, 0)),
           pl.BlockSpec((1, 1, num_keys), lambda b, h, i: (b, h, 0)),
       ],
-      out_specs=[pl.BlockSpec((1, 1, 1, rows, head_dim), lambda b, h, i: (b, h, i, 0, 0)),
-                 pl.BlockSpec((1, 1, 1, rows), lambda b, h, i: (b, h, i, 0))],
+      out_specs=[pl.BlockSpec((1, 1, 1, padded_rows, head_dim), lambda b, h, i: (b, h, i, 0, 0)),
+                 pl.BlockSpec((1, 1, 1, padded_rows), lambda b, h, i: (b, h, i, 0))],
       out_shape=[jax.ShapeDtypeStruct(q_blocks.shape, q.dtype),
                  jax.ShapeDtypeStruct(q_blocks.shape[:-1], jnp.float32)],
       interpret=interpret,
+      compiler_params=TRITON,
   )(block_table, block_counts, q_blocks, bounds, k, v, key_keep)
-  return _ungrouped(out, num_heads, block_q), lse
+  return _ungrouped(out[:, :, :, :rows], num_heads, block_q), lse[..., :rows]
 
 
 def _backward(q, k, v, query_positions, ring_from, key_keep, block_table, block_counts, out, lse,
@@ -300,17 +304,24 @@ def _attention_bwd(block_q, block_k, variant, interpret, residuals, d_out):
 _attention.defvjp(_attention_fwd, _attention_bwd)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "variant", "interpret"))
 def block_sparse_attention(q, k, v, query_positions, key_keep, block_table, block_counts, *,
                            block_q: int, block_k: int, ring_from=None, variant: str | None = None,
                            interpret: bool | None = None):
   """Pallas version of `block_sparse_attention_reference` (same signature), differentiable in
   q, k, v. Tq must be a multiple of block_q and S of block_k. variant / interpret: see
-  `backend.choose` (None = this backend's)."""
+  `backend.choose` (None = this platform's)."""
   if q.shape[1] % block_q or k.shape[2] % block_k:
     raise ValueError(f"Tq={q.shape[1]} / S={k.shape[2]} must be multiples of block_q={block_q} / "
                      f"block_k={block_k}")
   variant, interpret = choose(variant, interpret)
+  return _block_sparse_attention(q, k, v, query_positions, key_keep, block_table, block_counts,
+                                 ring_from, block_q=block_q, block_k=block_k, variant=variant,
+                                 interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "block_k", "variant", "interpret"))
+def _block_sparse_attention(q, k, v, query_positions, key_keep, block_table, block_counts,
+                            ring_from, *, block_q, block_k, variant, interpret):
   if ring_from is None:
     ring_from = jnp.full(query_positions.shape, _NO_RING, jnp.int32)
   return _attention(q, k, v, query_positions, ring_from.astype(jnp.int32),

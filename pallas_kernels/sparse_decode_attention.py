@@ -18,7 +18,7 @@ import jax.numpy as jnp
 from jax.experimental import pallas as pl
 
 from pallas_kernels import online_softmax
-from pallas_kernels.backend import choose
+from pallas_kernels.backend import TRITON, choose, pad_to_power_of_two
 
 _MASKED = -1e30
 
@@ -117,16 +117,22 @@ def _mosaic_call(q_grouped, k, v, key_positions, query_rows, block, interpret):
     key_positions.reshape(batch, num_kv_heads, num_blocks, 1, block))
 
 
-@functools.partial(jax.jit, static_argnames=("block", "variant", "interpret"))
 def sparse_decode_attention(q, k, v, key_positions, query_positions, *, block: int = 128,
                             variant: str | None = None, interpret: bool | None = None):
   """Pallas version of `sparse_decode_attention_reference` (same signature and result).
 
   C is padded to a multiple of `block` with empty slots. A query that sees no key returns zeros
   (the reference returns the mean of nothing too, as zeros). variant / interpret: see
-  `backend.choose` (None = this backend's).
+  `backend.choose` (None = this platform's).
   """
   variant, interpret = choose(variant, interpret)
+  return _sparse_decode_attention(q, k, v, key_positions, query_positions, block=block,
+                                  variant=variant, interpret=interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("block", "variant", "interpret"))
+def _sparse_decode_attention(q, k, v, key_positions, query_positions, *, block, variant,
+                             interpret):
   batch, num_new, num_heads, head_dim = q.shape
   num_kv_heads, capacity = k.shape[1], k.shape[2]
   group = num_heads // num_kv_heads
@@ -145,19 +151,23 @@ def sparse_decode_attention(q, k, v, key_positions, query_positions, *, block: i
     out = out.reshape(batch, num_kv_heads, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
     return out.reshape(batch, num_new, num_heads, head_dim)
   kernel = functools.partial(_kernel, block=block)
+  q_grouped = pad_to_power_of_two(q_grouped, 2, 0)
+  query_rows = pad_to_power_of_two(query_rows, 2, -1)  # a padded row sees no key
+  padded_rows = q_grouped.shape[2]
   out = pl.pallas_call(
       kernel,
       grid=(batch, num_kv_heads),
       in_specs=[
-          pl.BlockSpec((1, 1, rows, head_dim), lambda b, h: (b, h, 0, 0)),
+          pl.BlockSpec((1, 1, padded_rows, head_dim), lambda b, h: (b, h, 0, 0)),
           pl.BlockSpec((1, 1, padded, head_dim), lambda b, h: (b, h, 0, 0)),
           pl.BlockSpec((1, 1, padded, head_dim), lambda b, h: (b, h, 0, 0)),
           pl.BlockSpec((1, 1, padded), lambda b, h: (b, h, 0)),
-          pl.BlockSpec((1, 1, rows), lambda b, h: (b, 0, 0)),
+          pl.BlockSpec((1, 1, padded_rows), lambda b, h: (b, 0, 0)),
       ],
-      out_specs=pl.BlockSpec((1, 1, rows, head_dim), lambda b, h: (b, h, 0, 0)),
-      out_shape=jax.ShapeDtypeStruct((batch, num_kv_heads, rows, head_dim), q.dtype),
+      out_specs=pl.BlockSpec((1, 1, padded_rows, head_dim), lambda b, h: (b, h, 0, 0)),
+      out_shape=jax.ShapeDtypeStruct(q_grouped.shape, q.dtype),
       interpret=interpret,
-  )(q_grouped, k, v, key_positions, query_rows)
+      compiler_params=TRITON,
+  )(q_grouped, k, v, key_positions, query_rows)[:, :, :rows]
   out = out.reshape(batch, num_kv_heads, group, num_new, head_dim).transpose(0, 3, 1, 2, 4)
   return out.reshape(batch, num_new, num_heads, head_dim)

@@ -137,6 +137,91 @@ def test_compiled_kernels_need_their_backend_and_unknown_variants_are_refused():
     backend.choose("cuda", True)
 
 
+# What a CPU can check of the compiled kernels: Pallas lowers them for an accelerator it does not
+# have (`lowering_platforms`), down to the accelerator's custom call: Mosaic for TPU, Triton IR for
+# GPU. The final Mosaic / PTX compilation happens on the device and is not checked here.
+_LOWERING = {"tpu": "tpu", "gpu": "cuda"}
+_KERNEL_CALL = {"tpu": "tpu_custom_call", "gpu": "__gpu$xla.gpu.triton"}
+
+
+@pytest.fixture
+def built_for(monkeypatch):
+  """Builds as if on another platform (`backend.platform`), for lowering only. Traces cached that
+  way are dropped before and after, so no CPU run reuses them."""
+  def pretend(platform):
+    jax.clear_caches()
+    monkeypatch.setattr(backend, "platform", lambda: platform)
+  yield pretend
+  jax.clear_caches()
+
+
+def _lowered(fn, platform, *args) -> str:
+  return jax.jit(fn).trace(*args).lower(lowering_platforms=(_LOWERING[platform],)).as_text()
+
+
+@pytest.mark.parametrize("platform", ["tpu", "gpu"])
+def test_both_kernels_lower_to_their_accelerator_call(built_for, platform):
+  """bfloat16, GQA rows that are no power of two (3 x 5, 3 x 8), a padded capacity; the forward
+  and the custom VJP. Two GPU failures this caught: without Triton params Pallas lowers GPU
+  kernels with Mosaic GPU, which staged whole KV rows in shared memory (539 KB > 227 KB), and
+  Triton refused the [15, 64] query rows (its arrays need power-of-two sizes)."""
+  built_for(platform)
+  q, k, v, positions, query_positions = _decode_inputs(0, 2, 5, 9, 3, 64, 300, 0.6, jnp.bfloat16)
+  text = _lowered(sparse_decode_attention, platform, q, k, v, positions, query_positions)
+  assert text.count(_KERNEL_CALL[platform]) == 1
+
+  (q, k, v, query_positions, keep, table, counts), ring = _block_sparse_inputs(
+      0, 2, 32, 256, 9, 3, 64, 8, 64, 3, 0.7, 200, 24, jnp.bfloat16)
+  attend = lambda q, k, v: block_sparse_attention(q, k, v, query_positions, keep, table, counts,
+                                                  block_q=8, block_k=64, ring_from=ring)
+  assert _lowered(attend, platform, q, k, v).count(_KERNEL_CALL[platform]) == 1
+  loss = lambda q, k, v: attend(q, k, v).astype(jnp.float32).sum()
+  gradient = _lowered(jax.grad(loss, argnums=(0, 1, 2)), platform, q, k, v)
+  assert gradient.count(_KERNEL_CALL[platform]) == 1  # the forward; the backward is jnp
+
+
+@pytest.mark.parametrize("platform", ["cpu", "tpu", "gpu"])
+def test_auto_attention_runs_the_kernels_where_they_compile(built_for, platform):
+  """The default attention_impl="auto": on TPU and GPU a verifier step on the full cache, a
+  drafter step on a sparse cache and a training view's gradient lower to the kernels' calls; on
+  CPU (where Pallas only interprets) to none."""
+  from budgetdraft.models.config import get_config
+  from budgetdraft.models.kv_cache import FullKVCache
+  from budgetdraft.models.transformer import Transformer, init_params, unroll
+  from budgetdraft.sparsity import selection
+  from budgetdraft.training import views
+
+  built_for(platform)
+  config = get_config("tiny", attention_block=32)
+  assert config.attention_impl == "auto"
+  params = init_params(config, jax.random.key(0))
+  tokens = jax.random.randint(jax.random.key(1), (2, 40), 0, config.vocab_size)
+  sparsity = selection.SparsityConfig(policy="streaming", budget=16, sinks=2, window=4, recent=8)
+
+  def verifier_step(params, tokens):  # the decoding layout, on a full cache
+    layered, layered_params = unroll(config, params)
+    cache = FullKVCache.init(layered, 2, 64).advance(tokens.shape[1])
+    return Transformer(layered).apply({"params": layered_params}, tokens[:, :1],
+                                      cache.length[:, None], cache)[0]
+
+  def drafter_step(params, tokens):  # a sparse cache
+    kept = jnp.zeros((config.num_layers, 2, config.num_kv_heads, 64), bool).at[..., :16].set(True)
+    cache = FullKVCache.init(config, 2, 64).advance(tokens.shape[1])
+    sparse = selection.compress(config, cache, kept, cache.length, sparsity.ring_size(2))
+    return Transformer(config).apply({"params": params}, tokens[:, :1], sparse.length[:, None],
+                                     sparse)[0]
+
+  def training_gradient(params, tokens):  # a view: kept keys + the ring, through the custom VJP
+    return jax.grad(lambda p: views.all_branch_outputs(
+        config, p, tokens, 32, jnp.array([16]), sparsity, 4, jax.random.key(0))[1].sum())(params)
+
+  for fn in (verifier_step, drafter_step, training_gradient):
+    if platform == "cpu":
+      assert "pallas_call" not in str(jax.make_jaxpr(fn)(params, tokens)), fn.__name__
+    else:
+      assert _KERNEL_CALL[platform] in _lowered(fn, platform, params, tokens), fn.__name__
+
+
 def test_model_on_kernels_matches_jnp_path():
   """Tiny model: prefill + decode on the full cache, then decoding over a sparse cache."""
   import dataclasses

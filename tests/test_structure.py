@@ -23,7 +23,7 @@ ALLOWED = {
     "evaluation": {"models", "sparsity", "verification", "data", "drafters", "decoding",
                    "specprefill", "parallel"},
     "generation": {"models", "decoding", "drafters", "specprefill"},
-    "launch": {"parallel"},
+    "launch": {"models", "parallel"},
 }
 
 

@@ -14,6 +14,8 @@ from absl import flags, logging
 import jax
 
 from budgetdraft import parallel
+from budgetdraft.models import checkpoint_io
+from budgetdraft.models.config import ATTENTION_IMPLS
 
 _DISTRIBUTED = flags.DEFINE_string(
     "distributed", "", "Join a multi-process run: '' (one process), 'auto' (TPU pod, SLURM, Open "
@@ -22,6 +24,9 @@ _NUM_PROCESSES = flags.DEFINE_integer("num_processes", 1,
                                       "Processes in the run (with --distributed=host:port).")
 _PROCESS_ID = flags.DEFINE_integer("process_id", 0,
                                    "This process's id in [0, num_processes) (with host:port).")
+_ATTENTION_IMPL = flags.DEFINE_enum(
+    "attention_impl", "auto", ATTENTION_IMPLS, "Attention of every model the run loads: 'auto' "
+    "(the Pallas kernels on TPU and GPU, jnp on CPU), 'jnp' or 'pallas'.")
 
 
 def mesh(spec: str) -> jax.sharding.Mesh | None:
@@ -36,3 +41,9 @@ def mesh(spec: str) -> jax.sharding.Mesh | None:
     logging.info("process %d of %d, mesh %s over %d devices", jax.process_index(),
                  jax.process_count(), dict(built.shape), built.size)
   return built
+
+
+def checkpoint(path: str) -> checkpoint_io.Checkpoint:
+  """The model at `path` ("" = the default verifier) with this run's `--attention_impl`; drafters
+  built from it inherit the choice."""
+  return checkpoint_io.load(path, attention_impl=_ATTENTION_IMPL.value)

@@ -6,13 +6,16 @@ Two implementations share one visibility rule (`visible_mask`):
   than [chunk, block] scores and a decode step over a half-empty cache reads half of it;
 - `dense_attention`: one masked softmax over every slot, for small caches (the sparse drafter cache)
   and for passes that need the attention probabilities themselves (KV selection scores).
-The Pallas kernels (`attention_impl="pallas"`) run through `on_local_shards`.
+The Pallas kernels (`attention_impl` "pallas", or "auto" on TPU / GPU: `uses_kernels`) run through
+`on_local_shards`.
 """
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
+
+import pallas_kernels
 
 _MASKED = -1e30
 
@@ -36,6 +39,13 @@ def visible_mask(chunk_start, chunk_mask, key_positions):
       index, index.shape[:-2] + (num_new, index.shape[-1])), axis=-1)
   before = ((key_positions >= 0) & (offset < 0))[..., None, :]
   return before | (in_chunk[..., None, :] & chunk_hit)
+
+
+def uses_kernels(attention_impl: str) -> bool:
+  """Whether attention runs on the Pallas kernels: "pallas" always, "auto" where they compile
+  (TPU, GPU; CPU only interprets them, far slower than jnp), "jnp" never."""
+  return attention_impl == "pallas" or (attention_impl == "auto" and
+                                        pallas_kernels.backend.compiled())
 
 
 def _grouped_queries(q, num_kv_heads):

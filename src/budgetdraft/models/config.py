@@ -7,6 +7,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
+ATTENTION_IMPLS = ("auto", "jnp", "pallas")
+
 
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
@@ -38,7 +40,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   attention_block: int = 512  # KV block of the chunked (flash-style) attention.
-  attention_impl: str = "jnp"  # "jnp" (default, every backend) or "pallas" (pallas_kernels/).
+  # "auto": the Pallas kernels (pallas_kernels/) where they compile (TPU, GPU), jnp elsewhere;
+  # "jnp" or "pallas" (interpreted on CPU: tests) on every backend.
+  attention_impl: str = "auto"
   # Drafter-only fields (0 = off). feature_dim > 0: an EAGLE-style drafter, whose input at each
   # position is input_proj([token embedding, the verifier's hidden state one position earlier]).
   # draft_vocab > 0: its head scores only that many token ids (`draft_head`), the rest get -inf,
@@ -62,8 +66,8 @@ class ModelConfig:
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
-    if self.attention_impl not in ("jnp", "pallas"):
-      raise ValueError(f"attention_impl={self.attention_impl!r}; valid: 'jnp', 'pallas'")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"attention_impl={self.attention_impl!r}; valid: {ATTENTION_IMPLS}")
     if self.feature_dim < 0 or not 0 <= self.draft_vocab <= self.vocab_size:
       raise ValueError(f"feature_dim={self.feature_dim} must be >= 0 and draft_vocab="
                        f"{self.draft_vocab} in [0, vocab_size={self.vocab_size}]")

@@ -90,7 +90,7 @@ class FullKVCache(_Length):
   length: jax.Array
   skipped: jax.Array
   attention_block: int = flax.struct.field(pytree_node=False, default=512)
-  attention_impl: str = flax.struct.field(pytree_node=False, default="jnp")
+  attention_impl: str = flax.struct.field(pytree_node=False, default="auto")
 
   @classmethod
   def init(cls, config: ModelConfig, batch_size: int, capacity: int) -> "FullKVCache":
@@ -151,7 +151,7 @@ class FullKVCache(_Length):
 
   def attend(self, layer, q, chunk_mask):
     """Attention of q [B, T, H, D] over the cache (chunk_mask None = causal)."""
-    if self.attention_impl == "pallas" and chunk_mask is None:
+    if attention.uses_kernels(self.attention_impl) and chunk_mask is None:
       return self._attend_pallas(layer, q)
     if self.layered and q.shape[1] <= _DENSE_QUERIES:
       return self.attend_with_probs(layer, q, chunk_mask)[0]
@@ -223,7 +223,7 @@ class SparseKVCache(_Length):
   length: jax.Array
   ring_base: jax.Array  # [batch] first position that lives in the ring (the prompt length)
   budget: int = flax.struct.field(pytree_node=False, default=0)
-  attention_impl: str = flax.struct.field(pytree_node=False, default="jnp")
+  attention_impl: str = flax.struct.field(pytree_node=False, default="auto")
 
   @classmethod
   def init(cls, config: ModelConfig, batch_size: int, budget: int,
@@ -267,7 +267,7 @@ class SparseKVCache(_Length):
 
   def attend(self, layer, q, chunk_mask):
     """Attention of q [B, T, H, D] over the kept keys and the ring (chunk_mask None = causal)."""
-    if self.attention_impl == "pallas" and chunk_mask is None:
+    if attention.uses_kernels(self.attention_impl) and chunk_mask is None:
       query_positions = self.length[:, None] + jnp.arange(q.shape[1])[None, :]
       return attention.on_local_shards(
           pallas_kernels.sparse_decode_attention,
@@ -297,7 +297,8 @@ class MaskedKVCache:
   (keep[layer, b, h, j], or j >= ring_base and i - j < ring_size) -- exactly the keys the sparse
   cache would hold after compressing at ring_base and then feeding tokens one at a time. One masked
   softmax over all slots (no dynamic loop), so reverse-mode differentiation works; with
-  attention_impl="pallas", the block-sparse kernel (keep mask + per-query ring) and its custom VJP.
+  the kernels (`attention.uses_kernels`), the block-sparse kernel (keep mask + per-query ring) and
+  its custom VJP.
 
   cache: the underlying `FullKVCache` (slot = position); keep: [L, B, Hkv, capacity] bool (all True
   = the full cache); ring_base: [B] the compression point (the prompt length).
@@ -330,7 +331,7 @@ class MaskedKVCache:
 
   def attend(self, layer, q, chunk_mask):
     """Attention of q [B, T, H, D] over the visible keys (chunk_mask None = causal)."""
-    if self.cache.attention_impl == "pallas" and chunk_mask is None:
+    if attention.uses_kernels(self.cache.attention_impl) and chunk_mask is None:
       return self._attend_pallas(layer, q)
     return self.attend_with_probs(layer, q, chunk_mask)[0]
 
