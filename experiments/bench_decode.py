@@ -21,8 +21,11 @@ from budgetdraft.models import checkpoint_io
 
 _CONFIG = config_flags.DEFINE_config_file("config", "configs/bench_decode.py:smollm2")
 _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table goes.")
-# Our layer layouts (`transformer.unroll`), each made from the loaded (scanned) model on demand.
-_LAYOUTS = {"unrolled": checkpoint_io.Checkpoint.unrolled, "scanned": lambda model: model}
+# Our layer layouts (`transformer.unroll`), each made from the loaded (scanned) model on demand:
+# the decoding layout on the CPU kernels where they run, the same on XLA's ops, the stack.
+_LAYOUTS = {"packed": checkpoint_io.Checkpoint.unrolled,
+            "unrolled": lambda model: model.with_attention_impl("jnp").unrolled(),
+            "scanned": lambda model: model}
 
 
 def main(argv):
@@ -63,10 +66,12 @@ def main(argv):
            f"beside it).\nMeasured read bandwidth (best of 5 max-reductions over 1 GiB): "
            f"{bandwidth / 1e9:.1f} GB/s. Floor = (weights + KV at the full context) / bandwidth "
            "per decode step; `x floor` = median step time / floor.")
-  notes += ("\nLayers: `unrolled` runs each layer on weights and cache arrays of its own (the "
-            "decoding layout that generate, speedup and the batch table use); `scanned` runs the "
-            "stacked layers in a scan, which copies each layer's weights and keys out of the "
-            "stack on every step.")
+  notes += ("\nLayers: `packed` is the decoding layout that generate, speedup and the batch "
+            "table use on a CPU: each layer on weights and cache arrays of its own, the weights "
+            "packed in 64-column panels, and the C++ kernels (`budgetdraft.cpu_kernels`) for "
+            "the matmuls and for attention over the cache; `unrolled` is the same layout on "
+            "XLA's own ops (`--attention_impl=jnp`); `scanned` runs the stacked layers in a "
+            "scan, which copies each layer's weights and keys out of the stack on every step.")
   if len(rows) > len(cfg.layouts) * len(cfg.contexts):
     notes += (f"\nThe rows of all systems come from this one run on the same prompt; `same greedy "
               f"tokens`: the peer's leading greedy tokens equal to ours (of {cfg.max_new_tokens}).")

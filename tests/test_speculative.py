@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from scipy import stats
 
+from budgetdraft import verification
 from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.models.prefill import prefill
 from budgetdraft.decoding.sampling import SamplingConfig, probabilities
@@ -202,6 +203,29 @@ def test_caches_equal_a_fresh_prefill_of_the_emitted_tokens(tiny_pair, rule, num
     for position in recent:
       np.testing.assert_allclose(cache.k[0, 0, head, budget + slots[position]],
                                  drafter_fresh.k[0, 0, head, position], atol=2e-5)
+
+
+@pytest.mark.parametrize("rule,num_paths", RULE_PATHS)
+def test_every_rule_is_greedy_on_one_hot_laws(rule, num_paths):
+  """Why the loop runs `greedy` under greedy sampling (`SpeculativeConfig.loop_rule`): on one-hot
+  drafter and verifier laws every rule accepts the same prefix and emits the same next token."""
+  vocab, gamma = 5, 3
+  rng = np.random.default_rng(0)
+  spec = speculative.SpeculativeConfig(gamma=gamma, num_paths=num_paths, rule=rule)
+  assert spec.loop_rule == "greedy"
+  assert dataclasses.replace(spec, sampling=SamplingConfig(temperature=1.0)).loop_rule == rule
+  for trial in range(50):
+    drafts = jnp.asarray(rng.integers(0, 2, (num_paths, gamma)), jnp.int32)  # often matching
+    law = {}  # the verifier's argmax after each drafted prefix: paths that share one agree
+    targets = jnp.asarray([[law.setdefault(tuple(row[:i].tolist()), int(rng.integers(0, 2)))
+                            for i in range(gamma + 1)] for row in np.asarray(drafts)], jnp.int32)
+    q, p = jax.nn.one_hot(drafts, vocab), jax.nn.one_hot(targets, vocab)
+    accepted, token, path = verification.RULES[rule](drafts, q, p, jax.random.key(trial))
+    greedy_accepted, greedy_token, greedy_path = verification.RULES["greedy"](
+        drafts, q, p, jax.random.key(trial))
+    emitted = list(drafts[path, :accepted]) + [token]
+    greedy_emitted = list(drafts[greedy_path, :greedy_accepted]) + [greedy_token]
+    assert [int(t) for t in emitted] == [int(t) for t in greedy_emitted]
 
 
 def test_round_stats_from_accepted_lengths():

@@ -144,15 +144,18 @@ def test_tree_chunk_mask_hides_siblings(tiny_model):
   np.testing.assert_allclose(hidden[0, 4], expected[0, 3], atol=1e-5)
 
 
-@pytest.mark.parametrize("attention_impl", ["jnp", "pallas"])
+@pytest.mark.parametrize("attention_impl", ["jnp", "pallas", "auto"])
 def test_unrolled_layout_computes_the_stacked_model(attention_impl):
-  """`unroll` (per-layer weights and cache arrays, the decoding layout) changes no number: a
+  """`unroll` (per-layer weights and cache arrays, the decoding layout; with "auto" on a CPU, its
+  weights packed for the C++ kernels, which also attend for heads of 64) changes no number: a
   chunked prefill, one-token steps and a tree-masked verify chunk give the stacked model's logits,
   and the cache holds the same keys."""
-  config = get_config("tiny", attention_block=16, attention_impl=attention_impl)
+  head_dim = {"head_dim": 64} if attention_impl == "auto" else {}
+  config = get_config("tiny", attention_block=16, attention_impl=attention_impl, **head_dim)
   params = init_params(config, jax.random.key(7))
   unrolled_config, unrolled_params = unroll(config, params)
   assert unrolled_config.unroll_layers and unrolled_config.unrolled
+  assert unrolled_config.packed_weights == (attention_impl == "auto")
   assert set(unrolled_params["layers"]) == {str(layer) for layer in range(config.num_layers)}
   assert unroll(unrolled_config, unrolled_params)[1] is unrolled_params
   tokens = jax.random.randint(jax.random.key(8), (2, 40), 0, config.vocab_size)
@@ -184,6 +187,7 @@ def test_unrolled_layout_computes_the_stacked_model(attention_impl):
 def test_layered_cache_rows_and_room_match_the_stacked_cache(tiny_model):
   """gather_rows, reserve and nbytes of a per-layer cache act on each layer as on the stack."""
   config, params = tiny_model
+  config = dataclasses.replace(config, attention_impl="jnp")  # XLA's ops: bit-equal keys
   tokens = jax.random.randint(jax.random.key(9), (3, 20), 0, config.vocab_size)
   caches = []
   for c, p in ((config, params), unroll(config, params)):

@@ -26,7 +26,7 @@ _PROCESS_ID = flags.DEFINE_integer("process_id", 0,
                                    "This process's id in [0, num_processes) (with host:port).")
 _ATTENTION_IMPL = flags.DEFINE_enum(
     "attention_impl", "auto", ATTENTION_IMPLS, "Attention of every model the run loads: 'auto' "
-    "(the Pallas kernels on TPU and GPU, jnp on CPU), 'jnp' or 'pallas'.")
+    "(the Pallas kernels on TPU and GPU, the C++ kernels on CPU), 'jnp' (XLA's ops) or 'pallas'.")
 
 
 def mesh(spec: str) -> jax.sharding.Mesh | None:

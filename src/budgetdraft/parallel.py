@@ -51,6 +51,14 @@ PARAM_AXES = {
     "input_proj/bias": ("embed",),
     "draft_head/kernel": ("embed", None),   # a reduced head: small, replicated
     "draft_head/ids": (None,),
+    # The CPU kernels' packed decoding layout (`ModelConfig.packed_weights`): panels [P, in, 64]
+    # mix heads within a panel, so they stay whole (under a mesh the kernels do not run anyway).
+    "layers/qkv_proj/panels": ("layers", None, "embed", None),
+    "layers/qkv_proj/bias": ("layers", None),
+    "layers/o_proj/panels": ("layers", None, None, None),
+    "layers/gate_up_proj/panels": ("layers", None, "embed", None),
+    "layers/down_proj/panels": ("layers", None, None, None),
+    "head/panels": (None, "embed", None),
 }
 
 KV = ("layers", "batch", "kv_heads", "length", "head_dim")

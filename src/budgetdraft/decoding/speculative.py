@@ -3,7 +3,8 @@
 One round, all inside one jitted `lax.while_loop` over a static-shape `SpecState`:
   draft:   the drafter proposes K paths x gamma tokens (K rows per batch row), keeping q per token;
   verify:  the verifier scores [last token, all drafted tokens] in ONE forward with a tree mask;
-  accept:  a verification rule (verification.RULES) picks the path, the accepted prefix and a token;
+  accept:  a verification rule (verification.RULES) picks the path, the accepted prefix and a token
+           (under greedy sampling: `greedy`, which every lossless rule equals there);
   commit:  the verifier keeps the accepted path (a length change; for K > 1 the <= gamma accepted
            entries are first moved next to the prefix), the drafter rows copy the winning row.
 The drafter re-feeds the last two emitted tokens each round ([previous, last] at their positions),
@@ -56,6 +57,13 @@ class SpeculativeConfig:
       multi = sorted(set(verification.RULES) - verification.SINGLE_PATH_RULES)
       raise ValueError(f"rule {self.rule!r} verifies one path; use one of {multi} for "
                        f"num_paths={self.num_paths}")
+
+  @property
+  def loop_rule(self) -> str:
+    """The rule the loop runs. Under greedy sampling every lossless rule accepts exactly the
+    longest drafted prefix that matches the verifier's argmax, which `greedy` finds without the
+    sampling rules' passes over the vocabulary (~1 ms a round at V = 49152 on a 2-core CPU)."""
+    return "greedy" if self.sampling.greedy else self.rule
 
 
 @dataclasses.dataclass(frozen=True)
@@ -370,7 +378,7 @@ def _round(verifier_params, drafter_params, state: SpecState, verifier_config: M
                                     state.last_two, state.features, root, draft_rng, spec)
   p, verifier_cache, hidden = _verify(verifier_config, verifier_params, state.verifier_cache,
                                       state.last_two[:, 1], drafts, spec)
-  num_accepted, next_token, path = jax.vmap(verification.RULES[spec.rule])(
+  num_accepted, next_token, path = jax.vmap(verification.RULES[spec.loop_rule])(
       drafts, q, p, jax.random.split(verify_rng, batch))
 
   running = _active(state, spec)

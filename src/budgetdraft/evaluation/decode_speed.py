@@ -25,12 +25,14 @@ from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.transformer import Transformer
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gamma", "steps"))
-def verify_loop(params, cache, last, *, config, gamma: int, steps: int):
-  """`steps` verify forwards of gamma + 1 tokens after the cache's prefix, in one compiled loop
-  (each rolls the cache back): the verify step's cost as the speculative loop pays it."""
-  spec = speculative.SpeculativeConfig(gamma=gamma, max_new_tokens=1)
-  drafts = jnp.broadcast_to(last[:, None, None], (last.shape[0], 1, gamma))
+@functools.partial(jax.jit, static_argnames=("config", "gamma", "steps", "spec"))
+def verify_loop(params, cache, last, drafts=None, *, config, gamma: int, steps: int, spec=None):
+  """`steps` verify forwards of the draft tree after the cache's prefix, in one compiled loop
+  (each rolls the cache back): the verify step's cost as the speculative loop pays it. drafts
+  [B, K, gamma] (default: `last` repeated) and spec (default: greedy, one path) as in the loop."""
+  spec = spec or speculative.SpeculativeConfig(gamma=gamma, max_new_tokens=1)
+  if drafts is None:
+    drafts = jnp.broadcast_to(last[:, None, None], (last.shape[0], 1, gamma))
   root = cache.length
 
   def body(_, carry):
@@ -38,6 +40,20 @@ def verify_loop(params, cache, last, *, config, gamma: int, steps: int):
     p, cache, _ = speculative.verify_step(params, cache.truncate(root), last, drafts,
                                           verifier_config=config, spec=spec)
     return cache, total + p[:, 0, :, 0].sum()
+
+  return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(())))[1]
+
+
+@functools.partial(jax.jit, static_argnames=("drafter_config", "spec", "steps"))
+def draft_loop(params, cache, last_two, features, root, rng, *, drafter_config, spec, steps: int):
+  """`steps` draft phases from one `SpecState`'s fields in one compiled loop (each rewrites the
+  same cache slots): the draft phase's cost as the speculative loop pays it."""
+
+  def body(_, carry):
+    cache, total = carry
+    drafts, q, cache = speculative.draft_step(params, cache, last_two, features, root, rng,
+                                              drafter_config=drafter_config, spec=spec)
+    return cache, total + drafts.sum() + q[..., 0].sum()
 
   return jax.lax.fori_loop(0, steps, body, (cache, jnp.zeros(())))[1]
 
@@ -137,12 +153,20 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
 
 
 def layout(config: ModelConfig) -> str:
+  """The layer layout's name: "packed" (unrolled, weights packed for the CPU kernels),
+  "unrolled" (XLA's ops on per-layer arrays) or "scanned" (the stack)."""
+  if config.packed_weights:
+    return "packed"
   return "unrolled" if config.unrolled else "scanned"
 
 
 def step_bytes(config, params, context: int) -> int:
-  """Bytes a decode step at `context` tokens reads at least: every weight and the KV cache."""
-  return timing.tree_bytes(params) + kv_bytes(config, context, config.dtype.itemsize)
+  """Bytes a decode step at `context` tokens reads at least: every weight and the KV cache. The
+  embedding table counts only where it is the head (tied, unpacked): a lookup reads one row."""
+  weights = timing.tree_bytes(params)
+  if config.packed_weights or not config.tie_embeddings:
+    weights -= timing.tree_bytes(params["embed"])
+  return weights + kv_bytes(config, context, config.dtype.itemsize)
 
 
 def kv_bytes(config, context: int, itemsize: int) -> int:

@@ -6,8 +6,9 @@ time per round and the drafter's share of it, KV bytes of both models, and speed
 speculative time (decode phase and end to end). Every time is of an ahead-of-time compiled call.
 Greedy rows also check that the speculative tokens equal the AR tokens of the same run (`= AR`).
 Beside them, what the paper's tables lack (issue 19): standard errors over prompts, the repetition
-of the generated text (`repetition`), and the cost decomposition T_D/T_T, T_V(gamma)/T_T of one
-draft step, one verify step and one AR step timed on their own, with the speedup that the MagicDec
+of the generated text (`repetition`), and the cost decomposition T_D/T_T, T_V(gamma)/T_T: a draft
+phase (gamma draft steps) and a verify phase, each timed on its own in a compiled loop as the
+speculative loop runs them, over the AR loop's time per step, with the speedup that the MagicDec
 formula predicts from them, tokens per call / (gamma T_D/T_T + T_V/T_T), next to the measured one.
 On a mesh, both models run tensor-parallel and every state is laid out as `parallel.RULES` says,
 as `speculative.generate` runs them.
@@ -23,7 +24,7 @@ import numpy as np
 from budgetdraft import drafters as drafters_lib, parallel
 from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.sampling import SamplingConfig
-from budgetdraft.evaluation import repetition, results, timing
+from budgetdraft.evaluation import decode_speed, repetition, results, timing
 from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.sparsity.selection import SparsityConfig
 
@@ -63,9 +64,13 @@ def prompt_length(context: int, variants: list[Variant]) -> int:
   return length
 
 
+PHASE_STEPS = 16   # phases per compiled timing loop
+PHASE_REPEATS = 5  # timing loops per phase (the median is taken)
+
+
 def measure_ar(model: Checkpoint, prompt, spec: speculative.SpeculativeConfig, mesh=None):
-  """(prefill s, decode s, emitted tokens [max_new_tokens], one step's s timed on its own) of AR
-  decoding with the sampling and lengths of `spec` (prompt [1, P]), on `mesh` if given."""
+  """(prefill s, decode s, emitted tokens [max_new_tokens]) of AR decoding with the sampling and
+  lengths of `spec` (prompt [1, P]), on `mesh` if given."""
   (params,), prompt, lengths = parallel.place(mesh, (model.params,), prompt,
                                               jnp.array([prompt.shape[1]], jnp.int32))
   static = dict(config=model.config, sampling=spec.sampling, eos_id=None, pad_id=0)
@@ -76,16 +81,13 @@ def measure_ar(model: Checkpoint, prompt, spec: speculative.SpeculativeConfig, m
   state = parallel.place_state(mesh, state, 1)
   decode = timing.compiled(autoregressive.decode, params, state, **static)
   final, decode_s = timing.timed(decode, params, state)
-  step_args = lambda: (params, jax.tree.map(jnp.copy, state))  # the step donates its state
-  step = timing.compiled(autoregressive.step, *step_args(), **static)
-  _, step_s = timing.timed_with_fresh_args(step, step_args)
-  return prefill_s, decode_s, parallel.to_host(final.tokens)[0].tolist(), step_s
+  return prefill_s, decode_s, parallel.to_host(final.tokens)[0].tolist()
 
 
 def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative.SpeculativeConfig,
                         mesh=None):
-  """Times and `RoundStats` of one speculative run, plus one draft and one verify phase timed on
-  their own from the post-prefill state (for the drafter's share of a round); on `mesh` if given."""
+  """Times and `RoundStats` of one speculative run, plus its draft phase and its verify phase each
+  timed on its own, in a compiled loop from the post-prefill state; on `mesh` if given."""
   drafter_config, drafter_params = drafter
   (verifier_params, drafter_params), prompt, lengths = parallel.place(
       mesh, (verifier.params, drafter_params), prompt, jnp.array([prompt.shape[1]], jnp.int32))
@@ -97,17 +99,20 @@ def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative
   decode = timing.compiled(speculative.decode, verifier_params, drafter_params, state, **static)
   final, decode_s = timing.timed(decode, verifier_params, drafter_params, state)
 
-  copy = lambda tree: jax.tree.map(jnp.copy, tree)  # the phases donate their cache
+  # Each phase on its own, in a compiled loop of PHASE_STEPS from the post-prefill state.
   root = state.verifier_cache.length
-  draft_args = lambda: (drafter_params, copy(state.drafter_cache), state.last_two,
-                        state.features, root, jax.random.key(2))
-  draft = timing.compiled(speculative.draft_step, *draft_args(), drafter_config=drafter_config,
-                          spec=spec)
-  (drafts, _, _), draft_s = timing.timed_with_fresh_args(draft, draft_args)
-  verify_args = lambda: (verifier_params, copy(state.verifier_cache), state.last_two[:, 1], drafts)
-  verify = timing.compiled(speculative.verify_step, *verify_args(),
-                           verifier_config=verifier.config, spec=spec)
-  _, verify_s = timing.timed_with_fresh_args(verify, verify_args)
+  draft_args = (drafter_params, state.drafter_cache, state.last_two, state.features, root,
+                jax.random.key(2))
+  drafts, _, _ = speculative.draft_step(*draft_args[:1], jax.tree.map(jnp.copy, draft_args[1]),
+                                        *draft_args[2:], drafter_config=drafter_config, spec=spec)
+  draft = timing.compiled(decode_speed.draft_loop, *draft_args, drafter_config=drafter_config,
+                          spec=spec, steps=PHASE_STEPS)
+  _, draft_times = timing.repeated(draft, lambda: draft_args, PHASE_REPEATS)
+  verify_args = (verifier_params, state.verifier_cache, state.last_two[:, 1], drafts)
+  verify = timing.compiled(decode_speed.verify_loop, *verify_args, config=verifier.config,
+                           gamma=spec.gamma, steps=PHASE_STEPS, spec=spec)
+  _, verify_times = timing.repeated(verify, lambda: verify_args, PHASE_REPEATS)
+  draft_s, verify_s = (np.median(t) / PHASE_STEPS for t in (draft_times, verify_times))
   (tokens,), stats = speculative.outputs_and_stats(final, spec)
   return dict(prefill_s=prefill_s, decode_s=decode_s, draft_s=draft_s, verify_s=verify_s,
               verifier_kv=state.verifier_cache.nbytes(), drafter_kv=state.drafter_cache.nbytes(),
@@ -154,11 +159,11 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=N
       stats = sum((r["stats"] for r in runs[1:]), runs[0]["stats"])
       decode_s = total("decode_s")
       ms_per_round = 1e3 * decode_s / max(1, stats.rounds)
-      draft_share = total("draft_s") / (total("draft_s") + total("verify_s"))
       same = all(r["tokens"] == a[2] for r, a in zip(runs, ar))
       _, speedup_error = _mean_and_error([a[1] / r["decode_s"] for r, a in zip(runs, ar)])
       _, calls_error = _mean_and_error([r["stats"].tokens_per_call for r in runs])
-      ar_step_s = float(np.median([a[3] for a in ar]))
+      # T_T: the AR loop's time per step (its first token comes from the prefill).
+      ar_step_s = float(np.median([a[1] for a in ar])) / max(1, spec.max_new_tokens - 1)
       draft_cost = total("draft_s") / len(runs) / spec.gamma / ar_step_s  # T_D / T_T
       verify_cost = total("verify_s") / len(runs) / ar_step_s             # T_V(gamma) / T_T
       texts = [(w.tolist(), r["tokens"]) for w, r in zip(windows, runs)]
@@ -173,8 +178,8 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=N
           "tokens/call": stats.tokens_per_call,
           "tokens/call s.e.": calls_error,
           "ms/round": ms_per_round,
-          "draft ms/round": draft_share * ms_per_round,
-          "verify ms/round": (1 - draft_share) * ms_per_round,
+          "draft ms/round": 1e3 * total("draft_s") / len(runs),
+          "verify ms/round": 1e3 * total("verify_s") / len(runs),
           "AR ms/token": 1e3 * ar_decode / (spec.max_new_tokens * len(runs)),
           "decode tok/s": spec.max_new_tokens * len(runs) / decode_s,
           "decode speedup": ar_decode / decode_s,

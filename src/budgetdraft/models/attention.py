@@ -7,7 +7,7 @@ Two implementations share one visibility rule (`visible_mask`):
 - `dense_attention`: one masked softmax over every slot, for small caches (the sparse drafter cache)
   and for passes that need the attention probabilities themselves (KV selection scores).
 The Pallas kernels (`attention_impl` "pallas", or "auto" on TPU / GPU: `uses_kernels`) run through
-`on_local_shards`.
+`on_local_shards`; on a CPU, "auto" runs a decode step on the C++ kernels (`uses_cpu_kernels`).
 """
 
 import flax.linen as nn
@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec
 
+from budgetdraft import cpu_kernels
 import pallas_kernels
 
 _MASKED = -1e30
@@ -46,6 +47,13 @@ def uses_kernels(attention_impl: str) -> bool:
   (TPU, GPU; CPU only interprets them, far slower than jnp), "jnp" never."""
   return attention_impl == "pallas" or (attention_impl == "auto" and
                                         pallas_kernels.backend.compiled())
+
+
+def uses_cpu_kernels(attention_impl: str) -> bool:
+  """Whether a decode step runs on the C++ CPU kernels (`cpu_kernels`): "auto" on a CPU backend
+  where they build, outside a mesh (GSPMD cannot split an FFI call; there XLA's ops run)."""
+  return (attention_impl == "auto" and jax.default_backend() == "cpu"
+          and jax.sharding.get_abstract_mesh().empty and cpu_kernels.available())
 
 
 def _grouped_queries(q, num_kv_heads):
@@ -108,11 +116,15 @@ def dense_attention(q, k, v, visible):
   """
   grouped = _grouped_queries(q, k.shape[1])
   scores = jnp.einsum("btkgd,bksd->bkgts", grouped, k.astype(jnp.float32))
-  mask = visible[:, :, None]  # [B, Hkv or 1, 1, T, S]
-  scores = jnp.where(mask, scores, _MASKED)
-  probs = jnp.where(mask, jax.nn.softmax(scores, axis=-1), 0.0)
-  out = jnp.einsum("bkgts,bksd->bkgtd", probs, v.astype(jnp.float32))
-  return _ungroup(out, k.dtype), probs
+  scores = jnp.where(visible[:, :, None], scores, _MASKED)  # visible: [B, Hkv or 1, 1, T, S]
+  # The row max, floored so that a row with no visible key gets exp(-huge) = 0 everywhere: no
+  # second masking pass. The output is normalized after the value product ([.., D], not [.., S]);
+  # the normalized probabilities are only computed where a caller uses them.
+  top = jnp.maximum(jax.lax.stop_gradient(scores.max(-1, keepdims=True)), _MASKED / 2)
+  weights = jnp.exp(scores - top)
+  denom = jnp.maximum(weights.sum(-1, keepdims=True), 1e-30)
+  out = jnp.einsum("bkgts,bksd->bkgtd", weights, v.astype(jnp.float32)) / denom
+  return _ungroup(out, k.dtype), weights / denom
 
 
 def chunked_attention(q, k_all, v_all, layer, chunk_start, chunk_mask, block):

@@ -334,6 +334,11 @@ class Checkpoint:
     config, params = transformer.unroll(self.config, self.params)
     return dataclasses.replace(self, config=config, params=params)
 
+  def with_attention_impl(self, attention_impl: str) -> "Checkpoint":
+    """This model with another `ModelConfig.attention_impl` (e.g. "jnp": XLA's ops only)."""
+    return dataclasses.replace(
+        self, config=dataclasses.replace(self.config, attention_impl=attention_impl))
+
 
 def load(path: str = "", **config_overrides) -> Checkpoint:
   """The checkpoint at `path` ("" = the default verifier, SmolLM2-135M-Instruct), with tokenizer."""

@@ -40,8 +40,9 @@ class ModelConfig:
   param_dtype: str = "float32"
   compute_dtype: str = "float32"
   attention_block: int = 512  # KV block of the chunked (flash-style) attention.
-  # "auto": the Pallas kernels (pallas_kernels/) where they compile (TPU, GPU), jnp elsewhere;
-  # "jnp" or "pallas" (interpreted on CPU: tests) on every backend.
+  # "auto": the Pallas kernels (pallas_kernels/) where they compile (TPU, GPU), and on a CPU the
+  # C++ decode kernels (cpu_kernels/: attention, and the matmuls of packed weights) where they
+  # build; "jnp" (XLA's ops only) or "pallas" (interpreted on CPU: tests) on every backend.
   attention_impl: str = "auto"
   # Drafter-only fields (0 = off). feature_dim > 0: an EAGLE-style drafter, whose input at each
   # position is input_proj([token embedding, the verifier's hidden state one position earlier]).
@@ -59,6 +60,10 @@ class ModelConfig:
   # of scanned over a stack: the decoding layout (`transformer.unroll`). XLA:CPU copies a stacked
   # layer's weights and keys out of the stack on every step; separate arrays are read in place.
   unroll_layers: bool = False
+  # The decoding layout's weights packed for the CPU kernels (`transformer.unroll` on a CPU where
+  # they build): each layer's q/k/v and gate/up matmuls fused, every matmul (the head included)
+  # stored as `cpu_kernels.pack_panels` panels [ceil(out / 64), in, 64].
+  packed_weights: bool = False
 
   def __post_init__(self):
     if self.num_heads % self.num_kv_heads:
@@ -66,6 +71,8 @@ class ModelConfig:
           f"num_heads={self.num_heads} must be a multiple of num_kv_heads={self.num_kv_heads}")
     if self.head_dim % 2:
       raise ValueError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.packed_weights and not self.unroll_layers:
+      raise ValueError("packed_weights is a decoding layout: it needs unroll_layers")
     if self.attention_impl not in ATTENTION_IMPLS:
       raise ValueError(f"attention_impl={self.attention_impl!r}; valid: {ATTENTION_IMPLS}")
     if self.feature_dim < 0 or not 0 <= self.draft_vocab <= self.vocab_size:

@@ -13,6 +13,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from budgetdraft import cpu_kernels
 from budgetdraft.models import attention
 from budgetdraft.models.config import ModelConfig
 import pallas_kernels
@@ -154,6 +155,11 @@ class FullKVCache(_Length):
     if attention.uses_kernels(self.attention_impl) and chunk_mask is None:
       return self._attend_pallas(layer, q)
     if self.layered and q.shape[1] <= _DENSE_QUERIES:
+      if (attention.uses_cpu_kernels(self.attention_impl) and
+          cpu_kernels.supports_attention(q.shape[-1], self.capacity, q.shape[1])):
+        return cpu_kernels.decode_attention(
+            q, self.k[layer], self.v[layer], self.filled,
+            _causal_if_none(chunk_mask, *q.shape[:2])).astype(q.dtype)
       return self.attend_with_probs(layer, q, chunk_mask)[0]
     chunk_mask = _causal_if_none(chunk_mask, *q.shape[:2])
     k, v, layer = ((self.k[layer][None], self.v[layer][None], 0) if self.layered

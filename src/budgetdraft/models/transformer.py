@@ -32,6 +32,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from budgetdraft import cpu_kernels
+from budgetdraft.models import attention
 from budgetdraft.models.config import ModelConfig
 from budgetdraft.models.kv_cache import FullKVCache
 
@@ -96,6 +98,27 @@ class SubsetHead(nn.Module):
     return logits.at[..., ids].set(scores)
 
 
+class PanelDense(nn.Module):
+  """A dense layer whose kernel is packed in panels (`cpu_kernels.pack_panels`: [ceil(features /
+  64), in, 64]), the decoding layout's form for the CPU kernels (`ModelConfig.packed_weights`);
+  XLA's einsum over the panels where the kernels do not run (under a mesh)."""
+
+  features: int
+  use_bias: bool
+  attention_impl: str
+
+  @nn.compact
+  def __call__(self, x):
+    shape = (-(-self.features // cpu_kernels.PANEL), x.shape[-1], cpu_kernels.PANEL)
+    panels = self.param("panels", nn.initializers.zeros, shape, jnp.float32)
+    matmul = (cpu_kernels.panel_matmul if attention.uses_cpu_kernels(self.attention_impl)
+              else cpu_kernels.panel_matmul_reference)
+    y = matmul(x, panels, self.features)
+    if self.use_bias:
+      y = y + self.param("bias", nn.initializers.zeros, (self.features,), jnp.float32)
+    return y.astype(x.dtype)
+
+
 def _pad_heads(x, num_heads: int):
   """x [B, T, h, D] with zero heads appended up to num_heads (a pruned layer's missing heads)."""
   return jnp.pad(x, ((0, 0), (0, 0), (0, num_heads - x.shape[2]), (0, 0)))
@@ -118,6 +141,8 @@ class DecoderLayer(nn.Module):
     c = self.config
     dense = lambda features, name, bias=False: nn.Dense(
         features, use_bias=bias, dtype=c.dtype, param_dtype=c.weight_dtype, name=name)
+    packed = lambda features, name, bias=False: PanelDense(features, bias, c.attention_impl,
+                                                           name=name)
     norm = lambda name: RMSNorm(c.norm_eps, c.dtype, c.weight_dtype, name=name)
     batch, num_new, _ = x.shape
     inv_freq = rope_inverse_frequencies(c)
@@ -126,10 +151,15 @@ class DecoderLayer(nn.Module):
     mlp_dim = c.mlp_dim if self.index is None else c.mlp_dim_of(self.index)
 
     h = norm("attn_norm")(x)
-    if kv_heads:
+    if c.packed_weights:  # one matmul for q, k and v (every layer full width here)
+      q, k, v = jnp.split(packed(heads * c.head_dim + 2 * kv_heads * c.head_dim, "qkv_proj",
+                                 c.attention_bias)(h),
+                          [heads * c.head_dim, (heads + kv_heads) * c.head_dim], axis=-1)
+    elif kv_heads:
       q = dense(heads * c.head_dim, "q_proj", c.attention_bias)(h)
       k = dense(kv_heads * c.head_dim, "k_proj", c.attention_bias)(h)
       v = dense(kv_heads * c.head_dim, "v_proj", c.attention_bias)(h)
+    if kv_heads:
       q = apply_rope(q.reshape(batch, num_new, heads, c.head_dim), positions, inv_freq)
       k = apply_rope(k.reshape(batch, num_new, kv_heads, c.head_dim), positions, inv_freq)
       v = v.reshape(batch, num_new, kv_heads, c.head_dim)
@@ -150,13 +180,17 @@ class DecoderLayer(nn.Module):
         sown["probs"] = probs  # for a few queries only
     else:
       attended = cache.attend(layer, q, chunk_mask)
+    linear = packed if c.packed_weights else dense
     if kv_heads:
-      x = x + dense(c.dim, "o_proj")(attended[:, :, :heads].reshape(batch, num_new, -1))
+      x = x + linear(c.dim, "o_proj")(attended[:, :, :heads].reshape(batch, num_new, -1))
 
     if mlp_dim:
       h = norm("mlp_norm")(x)
-      gated = nn.silu(dense(mlp_dim, "gate_proj")(h)) * dense(mlp_dim, "up_proj")(h)
-      x = x + dense(c.dim, "down_proj")(gated)
+      if c.packed_weights:
+        gate, up = jnp.split(packed(2 * mlp_dim, "gate_up_proj")(h), 2, axis=-1)
+      else:
+        gate, up = dense(mlp_dim, "gate_proj")(h), dense(mlp_dim, "up_proj")(h)
+      x = x + linear(c.dim, "down_proj")(nn.silu(gate) * up)
     return (x, cache), sown
 
 
@@ -196,6 +230,8 @@ class Transformer(nn.Module):
       self.input_proj = nn.Dense(c.dim, dtype=c.dtype, param_dtype=c.weight_dtype)
     if c.draft_vocab:
       self.draft_head = SubsetHead(c.vocab_size, c.draft_vocab, c.dtype, c.weight_dtype)
+    elif c.packed_weights:
+      self.head = PanelDense(c.vocab_size, False, c.attention_impl)
     elif not c.tie_embeddings:
       self.lm_head = nn.Dense(c.vocab_size, use_bias=False, dtype=c.dtype,
                               param_dtype=c.weight_dtype)
@@ -226,24 +262,58 @@ class Transformer(nn.Module):
     """float32 logits [..., V] of final hidden states."""
     if self.config.draft_vocab:
       return self.draft_head(hidden)
+    if self.config.packed_weights:
+      return self.head(hidden).astype(jnp.float32)
     if self.config.tie_embeddings:
       return self.embed.attend(hidden).astype(jnp.float32)
     return self.lm_head(hidden).astype(jnp.float32)
 
 
+def packs_weights(config: ModelConfig) -> bool:
+  """Whether `unroll` packs this model's weights for the CPU kernels: float32 weights and compute
+  where the kernels run (`attention.uses_cpu_kernels`)."""
+  return (config.param_dtype == config.compute_dtype == "float32"
+          and attention.uses_cpu_kernels(config.attention_impl))
+
+
+def _packed_layer(layer: dict) -> dict:
+  """One layer's params in the packed form (`ModelConfig.packed_weights`)."""
+  attention_names = ("q_proj", "k_proj", "v_proj")
+  fused = lambda names, field: jnp.concatenate([layer[n][field] for n in names], axis=-1)
+  packed = {name: layer[name] for name in ("attn_norm", "mlp_norm")}
+  packed["qkv_proj"] = {"panels": cpu_kernels.pack_panels(fused(attention_names, "kernel"))}
+  if "bias" in layer["q_proj"]:
+    packed["qkv_proj"]["bias"] = fused(attention_names, "bias")
+  packed["gate_up_proj"] = {"panels": cpu_kernels.pack_panels(fused(("gate_proj", "up_proj"),
+                                                                    "kernel"))}
+  for name in ("o_proj", "down_proj"):
+    packed[name] = {"panels": cpu_kernels.pack_panels(layer[name]["kernel"])}
+  return packed
+
+
 def unroll(config: ModelConfig, params: dict) -> tuple[ModelConfig, dict]:
   """The same model in the decoding layout: layers run one by one, each with weights of its own
-  (layers/<l>/...) and, through the config, a per-layer cache (`FullKVCache.init`).
+  (layers/<l>/...) and, through the config, a per-layer cache (`FullKVCache.init`); on a CPU
+  where the C++ kernels run (`packs_weights`), with its weights packed for them.
 
   On XLA:CPU a decode step over the scanned stack copies every layer's weights and keys out of
-  their stacked arrays; these separate arrays are read in place (`results/bench_decode.md`
-  measures both). Training and the drafters keep the stack; an unrolled model is returned as is.
+  their stacked arrays; these separate arrays are read in place, and the packed panels stream
+  once per step whatever the number of new tokens (`results/bench_decode.md` measures the
+  layouts). Training and the drafters keep the stack; an unrolled model is returned as is.
   """
   if config.unrolled:
     return config, params
   layers = {str(index): jax.tree.map(lambda x, index=index: x[index], params["layers"])
             for index in range(config.num_layers)}
-  return dataclasses.replace(config, unroll_layers=True), {**params, "layers": layers}
+  if not packs_weights(config):
+    return dataclasses.replace(config, unroll_layers=True), {**params, "layers": layers}
+  packed = {**{key: value for key, value in params.items() if key != "lm_head"},
+            "layers": {index: _packed_layer(layer) for index, layer in layers.items()}}
+  if not config.draft_vocab:  # a drafter's reduced head (`SubsetHead`) stays as it is
+    head = (params["embed"]["embedding"].T if config.tie_embeddings
+            else params["lm_head"]["kernel"])
+    packed["head"] = {"panels": cpu_kernels.pack_panels(head)}
+  return dataclasses.replace(config, unroll_layers=True, packed_weights=True), packed
 
 
 def init_params(config: ModelConfig, rng) -> dict:
