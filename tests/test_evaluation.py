@@ -163,8 +163,8 @@ def test_the_verify_loop_repeats_one_verify_step(tiny_verifier):
   drafts = jnp.broadcast_to(state.last_token[:, None, None], (1, 1, 3))
   p, _, _ = speculative.verify_step(params, jax.tree.map(jnp.copy, state.cache), state.last_token,
                                     drafts, verifier_config=config, spec=spec)
-  total = decode_speed.verify_loop(params, state.cache, state.last_token, config=config, gamma=3,
-                                   steps=5)
+  total = decode_speed.verify_loop(params, state.cache, state.last_token, drafts, config=config,
+                                   spec=spec, steps=5)
   np.testing.assert_allclose(total, 5 * p[:, 0, :, 0].sum(), rtol=1e-5)
 
 

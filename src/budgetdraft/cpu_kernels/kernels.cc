@@ -126,7 +126,7 @@ void parallel_for(ffi::ThreadPool& pool, int64_t n, const F& fn) {
 // for R <= kRowBlock rows: R x 4 vector accumulators in registers, one pass over w.
 template <int R>
 void row_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t depth, float* y,
-              int64_t ldy, bool accumulate) {
+              int64_t ldy) {
   f32x16 acc[R][kPanelVectors] = {};
   for (int64_t k = 0; k < depth; ++k) {
     const float* row = w + k * ldw;
@@ -138,25 +138,22 @@ void row_tile(const float* x, int64_t ldx, const float* w, int64_t ldw, int64_t 
     }
   }
   for (int m = 0; m < R; ++m)
-    for (int v = 0; v < kPanelVectors; ++v) {
-      float* out = y + m * ldy + kLanes * v;
-      store(out, accumulate ? load(out) + acc[m][v] : acc[m][v]);
-    }
+    for (int v = 0; v < kPanelVectors; ++v) store(y + m * ldy + kLanes * v, acc[m][v]);
 }
 
 // Any number of rows, in register tiles of kRowBlock (w stays in cache between tiles).
 void rows_by_panel(const float* x, int64_t ldx, int64_t rows, const float* w, int64_t ldw,
-                   int64_t depth, float* y, int64_t ldy, bool accumulate) {
+                   int64_t depth, float* y, int64_t ldy) {
   for (int64_t m0 = 0; m0 < rows; m0 += kRowBlock) {
     const float* xt = x + m0 * ldx;
     float* yt = y + m0 * ldy;
     switch (std::min<int64_t>(kRowBlock, rows - m0)) {
-      case 1: row_tile<1>(xt, ldx, w, ldw, depth, yt, ldy, accumulate); break;
-      case 2: row_tile<2>(xt, ldx, w, ldw, depth, yt, ldy, accumulate); break;
-      case 3: row_tile<3>(xt, ldx, w, ldw, depth, yt, ldy, accumulate); break;
-      case 4: row_tile<4>(xt, ldx, w, ldw, depth, yt, ldy, accumulate); break;
-      case 5: row_tile<5>(xt, ldx, w, ldw, depth, yt, ldy, accumulate); break;
-      default: row_tile<6>(xt, ldx, w, ldw, depth, yt, ldy, accumulate); break;
+      case 1: row_tile<1>(xt, ldx, w, ldw, depth, yt, ldy); break;
+      case 2: row_tile<2>(xt, ldx, w, ldw, depth, yt, ldy); break;
+      case 3: row_tile<3>(xt, ldx, w, ldw, depth, yt, ldy); break;
+      case 4: row_tile<4>(xt, ldx, w, ldw, depth, yt, ldy); break;
+      case 5: row_tile<5>(xt, ldx, w, ldw, depth, yt, ldy); break;
+      default: row_tile<6>(xt, ldx, w, ldw, depth, yt, ldy); break;
     }
   }
 }
@@ -178,8 +175,7 @@ ffi::Error PanelMatmul(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffe
   parallel_for(pool, num_panels * row_items, [&](int64_t item) {
     const int64_t p = item / row_items, r0 = (item % row_items) * kRowsPerItem;
     rows_by_panel(xp + r0 * depth, depth, std::min(kRowsPerItem, rows - r0),
-                  wp + p * depth * kPanel, kPanel, depth, yp + r0 * width + p * kPanel, width,
-                  false);
+                  wp + p * depth * kPanel, kPanel, depth, yp + r0 * width + p * kPanel, width);
   });
   return ffi::Error::Success();
 }
@@ -285,8 +281,7 @@ ffi::Error DecodeAttention(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> q, ffi::B
       item_sum[r] = sum;
     }
     for (int64_t c = 0; c < head_dim; c += kPanel)  // probs [rows, span] @ values [span, D]
-      rows_by_panel(probs.data(), span, rows, values + c, head_dim, span, item_out + c, head_dim,
-                    false);
+      rows_by_panel(probs.data(), span, rows, values + c, head_dim, span, item_out + c, head_dim);
   });
 
   // Merge each (row, KV head)'s key ranges: rescale to the global max, sum, normalize.

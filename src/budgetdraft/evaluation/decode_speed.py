@@ -25,14 +25,11 @@ from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.transformer import Transformer
 
 
-@functools.partial(jax.jit, static_argnames=("config", "gamma", "steps", "spec"))
-def verify_loop(params, cache, last, drafts=None, *, config, gamma: int, steps: int, spec=None):
-  """`steps` verify forwards of the draft tree after the cache's prefix, in one compiled loop
-  (each rolls the cache back): the verify step's cost as the speculative loop pays it. drafts
-  [B, K, gamma] (default: `last` repeated) and spec (default: greedy, one path) as in the loop."""
-  spec = spec or speculative.SpeculativeConfig(gamma=gamma, max_new_tokens=1)
-  if drafts is None:
-    drafts = jnp.broadcast_to(last[:, None, None], (last.shape[0], 1, gamma))
+@functools.partial(jax.jit, static_argnames=("config", "spec", "steps"))
+def verify_loop(params, cache, last, drafts, *, config, spec, steps: int):
+  """`steps` verify forwards of the draft tree (last [B], drafts [B, K, gamma]) after the cache's
+  prefix, in one compiled loop (each rolls the cache back): the verify step's cost as the
+  speculative loop pays it."""
   root = cache.length
 
   def body(_, carry):
@@ -138,8 +135,11 @@ def decode_speed(model: Checkpoint, prompt_tokens, contexts: list[int], *, max_n
         steps=int(final.step) - 1,  # the first token came from prefill
         floor_bytes=step_bytes(config, params, context),
         bandwidth=bandwidth, tokens=[int(t) for t in final.tokens[0]])
-    verify_args = (params, state.cache, state.last_token)
-    verify = timing.compiled(verify_loop, *verify_args, config=config, gamma=gamma,
+    spec = speculative.SpeculativeConfig(gamma=gamma, max_new_tokens=1)
+    last = state.last_token
+    drafts = jnp.broadcast_to(last[:, None, None], (last.shape[0], 1, gamma))
+    verify_args = (params, state.cache, last, drafts)
+    verify = timing.compiled(verify_loop, *verify_args, config=config, spec=spec,
                              steps=max_new_tokens)
     _, verify_times = timing.repeated(verify, lambda: verify_args, repeats)
     verify_ms = 1e3 * verify_times[len(verify_times) // 2] / max_new_tokens

@@ -101,18 +101,19 @@ def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative
 
   # Each phase on its own, in a compiled loop of PHASE_STEPS from the post-prefill state.
   root = state.verifier_cache.length
-  draft_args = (drafter_params, state.drafter_cache, state.last_two, state.features, root,
-                jax.random.key(2))
-  drafts, _, _ = speculative.draft_step(*draft_args[:1], jax.tree.map(jnp.copy, draft_args[1]),
-                                        *draft_args[2:], drafter_config=drafter_config, spec=spec)
+  inputs = (state.last_two, state.features, root, jax.random.key(2))
+  drafts, _, _ = speculative.draft_step(  # the tree the verify phase checks (donates its cache)
+      drafter_params, jax.tree.map(jnp.copy, state.drafter_cache), *inputs,
+      drafter_config=drafter_config, spec=spec)
+  draft_args = (drafter_params, state.drafter_cache, *inputs)
   draft = timing.compiled(decode_speed.draft_loop, *draft_args, drafter_config=drafter_config,
                           spec=spec, steps=PHASE_STEPS)
-  _, draft_times = timing.repeated(draft, lambda: draft_args, PHASE_REPEATS)
+  _, draft_s = timing.timed(draft, *draft_args, repeats=PHASE_REPEATS)
   verify_args = (verifier_params, state.verifier_cache, state.last_two[:, 1], drafts)
   verify = timing.compiled(decode_speed.verify_loop, *verify_args, config=verifier.config,
-                           gamma=spec.gamma, steps=PHASE_STEPS, spec=spec)
-  _, verify_times = timing.repeated(verify, lambda: verify_args, PHASE_REPEATS)
-  draft_s, verify_s = (np.median(t) / PHASE_STEPS for t in (draft_times, verify_times))
+                           spec=spec, steps=PHASE_STEPS)
+  _, verify_s = timing.timed(verify, *verify_args, repeats=PHASE_REPEATS)
+  draft_s, verify_s = draft_s / PHASE_STEPS, verify_s / PHASE_STEPS
   (tokens,), stats = speculative.outputs_and_stats(final, spec)
   return dict(prefill_s=prefill_s, decode_s=decode_s, draft_s=draft_s, verify_s=verify_s,
               verifier_kv=state.verifier_cache.nbytes(), drafter_kv=state.drafter_cache.nbytes(),
