@@ -8,6 +8,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from budgetdraft.models import attention
 from budgetdraft.models.prefill import prefill
 from budgetdraft.models.kv_cache import FullKVCache
 from budgetdraft.models.config import get_config
@@ -125,6 +126,27 @@ def test_chunked_prefill_matches_unchunked_on_ragged_batch(tiny_model, prefill_c
                                FullKVCache.init(config, 1, 128), length)
     np.testing.assert_allclose(cache.k[:, row, :, :length], row_cache.k[:, 0, :, :length],
                                atol=1e-5)
+
+
+@pytest.mark.parametrize("starts", [(40, 9), (64, 64), (0, 33)])
+def test_chunked_attention_matches_dense_attention_on_ragged_rows(starts):
+  """The block loop (unmasked blocks before every row's chunk, masked ones after) equals one
+  masked softmax over every slot, for rows whose chunks start in different blocks, under a tree
+  mask, with keys past each row's chunk left as garbage."""
+  batch, num_new, num_heads, num_kv_heads, head_dim, capacity, block = 2, 5, 4, 2, 8, 96, 16
+  keys = jax.random.split(jax.random.key(len(starts) + sum(starts)), 3)
+  q = jax.random.normal(keys[0], (batch, num_new, num_heads, head_dim))
+  k, v = (jax.random.normal(key, (1, batch, num_kv_heads, capacity, head_dim))
+          for key in keys[1:])
+  tree = np.tril(np.ones((num_new, num_new), bool))
+  tree[4, 3] = tree[3, 2] = False
+  chunk_mask = jnp.broadcast_to(jnp.asarray(tree), (batch, num_new, num_new))
+  chunk_start = jnp.asarray(starts, jnp.int32)
+  out = attention.chunked_attention(q, k, v, 0, chunk_start, chunk_mask, block)
+  slots = jnp.broadcast_to(jnp.arange(capacity), (batch, capacity))
+  visible = attention.visible_mask(chunk_start, chunk_mask, slots)[:, None]
+  expected, _ = attention.dense_attention(q, k[0], v[0], visible)
+  np.testing.assert_allclose(out, expected, atol=1e-5)
 
 
 def test_tree_chunk_mask_hides_siblings(tiny_model):
