@@ -24,7 +24,7 @@ def test_speedup_variants(variant):
   assert len(speedup_lib.variants(cfg)) == len(cfg.rows)  # every row a valid configuration
 
 
-@pytest.mark.parametrize("variant, prompts", [("paper", [3800, 7870]), ("paper_quick", [3800])])
+@pytest.mark.parametrize("variant, prompts", [("paper", [3800, 7870]), ("paper_quick", [3800, 7930])])
 def test_the_paper_protocol_builds_valid_rows_at_the_published_prompt_length(variant, prompts):
   cfg = speedup.get_config(variant)
   variants = speedup_lib.variants(cfg)  # builds every SparsityConfig: budgets are whole chunks
