@@ -7,11 +7,12 @@ Variants:
            configs/budgetdraft_paper.py (train them first): greedy, 256 new tokens, gamma 5,
            9 prompts of 3800 tokens and of 7931 (SmolLM2's 8192 positions less 256 + 5), TriForce
            chunk retrieval at budgets 256-2048 with no eviction of generated tokens;
+  self     issue 15's family (a) before training: the verifier drafting for itself over
+           streaming, SnapKV and H2O caches of 128-2048 keys (and its full cache), 8 held-out
+           long_books prompts at 4K (8K: --config.contexts="(8192,)");
   passkey, kv_retrieval, copy
-           the `long_retrieval` task of that name (issue 15: the answer is in distant context
-           only) at 4K, 5 prompts (one per depth 0.1-0.9), for the verifier drafting for itself
-           and the untrained 6-layer cut, SnapKV budgets 128-1024 (~10 min each on a 2-core
-           CPU; 8K: --config.contexts="(8192,)", ~2.5x that).
+           the same on the `long_retrieval` task of that name (issue 15: the answer is in
+           distant context only), 8 prompts over depths 0.1-0.9.
 Drafters are `drafters.load` sources with a label for the table. Results go to
 results/acceptance_vs_budget (smollm2) or results/acceptance_vs_budget_<variant>.
 """
@@ -22,8 +23,8 @@ RETRIEVAL_TASKS = ("passkey", "kv_retrieval", "copy")  # budgetdraft.data.long_r
 
 
 def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
-  if variant not in ("smollm2", "paper") + RETRIEVAL_TASKS:
-    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper, "
+  if variant not in ("smollm2", "paper", "self") + RETRIEVAL_TASKS:
+    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper, self, "
                      f"{', '.join(RETRIEVAL_TASKS)}")
   config = ml_collections.ConfigDict()
   config.variant = variant
@@ -39,25 +40,30 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   config.gamma = 4
   config.prefill_chunk = 512
   config.budgets = (128, 256, 512, 1024, 2048)  # plus the full cache
-  config.sparsity = ml_collections.ConfigDict(     # SparsityConfig fields but the budget
-      {"policy": "snapkv", "sinks": 4, "window": 64, "recent": 128})
+  config.policies = ("snapkv",)    # each at every budget
+  config.sparsity = ml_collections.ConfigDict(     # SparsityConfig fields but policy and budget
+      {"sinks": 4, "window": 64, "recent": 128})
   trained = "trained:checkpoints/budgetdraft_smollm2_"
   config.drafters = (("untrained cut", "layers:6"), ("naive", trained + "naive"),
                      ("single-budget", trained + "single"), ("BudgetDraft", trained + "multiview"))
-  if variant in RETRIEVAL_TASKS:
-    config.task = variant
+  if variant in RETRIEVAL_TASKS + ("self",):
+    # Family (a) of issue 15, untrained: the verifier drafting for itself (accepted fully over
+    # its full cache, so every lost token is the sparse cache's).
+    config.task = "" if variant == "self" else variant
     config.contexts = (4096,)
-    config.num_prompts = 5
-    config.budgets = (128, 256, 512, 1024)
-    config.drafters = (("self", "self"), ("untrained cut", "layers:6"))
+    config.num_prompts = 8
+    config.policies = ("streaming", "snapkv", "h2o")
+    config.budgets = (128, 256, 512, 1024, 2048)
+    config.drafters = (("self", "self"),)
   if variant == "paper":
     config.contexts = (3800 + 256 + 5, 8192)  # prompt = context - new tokens - gamma
     config.num_prompts = 9
     config.max_new_tokens = 256
     config.gamma = 5
     config.budgets = (256, 512, 1024, 2048)
+    config.policies = ("chunk_retrieval",)
     config.sparsity = ml_collections.ConfigDict(
-        {"policy": "chunk_retrieval", "chunk": 8, "sinks": 0, "window": 0, "recent": 256})
+        {"chunk": 8, "sinks": 0, "window": 0, "recent": 256})
     paper = "trained:checkpoints/budgetdraft_paper_"
     config.drafters = (("untrained cut", "layers:6"), ("L_A only", paper + "la_only"),
                        ("BudgetDraft", paper + "paper"), ("L_A + 1.0 L_C", paper + "w1"),

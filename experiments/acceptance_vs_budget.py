@@ -23,9 +23,9 @@ _RESULTS_DIR = flags.DEFINE_string("results_dir", "results", "Where the table an
 def main(argv):
   del argv
   cfg = _CONFIG.value
-  sparsity = SparsityConfig(budget=None, **cfg.sparsity)
-  for budget in cfg.budgets:
-    sparsity.check_budget(budget)
+  # Every policy at every budget, then the full cache (None); bad sizes fail here, before loading.
+  sparsities = [SparsityConfig(policy=policy, budget=budget, **cfg.sparsity)
+                for policy in cfg.policies for budget in cfg.budgets] + [None]
   for _, source in cfg.drafters:
     drafters.check(source)
   mesh = launch.mesh(cfg.mesh)
@@ -46,7 +46,7 @@ def main(argv):
                                                   verifier.tokenizer, length, cfg.num_prompts)
                for context, length in lengths.items()}
   rows = acceptance.acceptance_vs_budget(
-      verifier, drafter_models, prompts, list(cfg.budgets) + [None], sparsity, gamma=cfg.gamma,
+      verifier, drafter_models, prompts, sparsities, gamma=cfg.gamma,
       max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk, answers=answers)
   if not parallel.is_writer():
     return
@@ -59,11 +59,12 @@ def main(argv):
             f"{cfg.dataset}/{cfg.split}")
   notes = (f"Verifier {verifier.name}; drafters: {labels}. {cfg.num_prompts} held-out "
            f"{source} prompt(s) per context, {cfg.max_new_tokens} greedy tokens, "
-           f"gamma={cfg.gamma}, policy {sparsity.policy} (sinks {sparsity.sinks}, window "
-           f"{sparsity.window}); budget = kept prompt keys per layer and KV head. Greedy "
-           "acceptance and tokens/call replay the greedy engine exactly from one teacher-forced "
-           "pass along the verifier's greedy path; sum min(p,q) is the expected token-wise "
-           "acceptance at temperature 1 on the same positions.")
+           f"gamma={cfg.gamma}, policies {', '.join(cfg.policies)} (sinks "
+           f"{sparsities[0].sinks}, window {sparsities[0].window}); budget = kept prompt keys "
+           "per layer and KV head. Greedy acceptance and tokens/call replay the greedy engine "
+           "exactly from one teacher-forced pass along the verifier's greedy path (tokens/call "
+           "pools the rounds of all prompts); sum min(p,q) is the expected token-wise acceptance "
+           "at temperature 1 on the same positions; s.e.: standard error over prompts.")
   print(results.write(path, "Acceptance vs KV budget", rows, notes))
   acceptance.plot(rows, path + ".png")
 

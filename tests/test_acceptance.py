@@ -1,5 +1,7 @@
 """Teacher-forced acceptance replays the speculative engine exactly."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -64,13 +66,42 @@ def test_the_table_counts_the_verifier_retrievals_and_accepts_the_verifier_fully
   greedy = autoregressive.generate(params, [windows[0].tolist()], jax.random.key(0),
                                    config=config, max_new_tokens=NEW_TOKENS, prefill_chunk=CHUNK)[0]
   answers = {100: [" ".join(map(str, greedy[:4])), "no such answer"]}
+  streaming = dataclasses.replace(TINY_SPARSITY, policy="streaming")
   rows = acceptance.acceptance_vs_budget(
       verifier, {"self": (config, params), "other": (config, drafter)}, {100: windows},
-      [TINY_SPARSITY.budget, None], TINY_SPARSITY, gamma=GAMMA, max_new_tokens=NEW_TOKENS,
+      [TINY_SPARSITY, streaming, None], gamma=GAMMA, max_new_tokens=NEW_TOKENS,
       prefill_chunk=CHUNK, answers=answers)
-  assert [(r["drafter"], r["budget"]) for r in rows] == [
-      ("self", TINY_SPARSITY.budget), ("self", "full"), ("other", TINY_SPARSITY.budget),
-      ("other", "full")]
-  assert rows[1]["greedy acceptance"] == 1.0 and rows[1]["sum min(p,q) T=1"] == pytest.approx(1)
+  budget = TINY_SPARSITY.budget
+  assert [(r["drafter"], r["policy"], r["budget"]) for r in rows] == [
+      (label, policy, size) for label in ("self", "other")
+      for policy, size in ((TINY_SPARSITY.policy, budget), ("streaming", budget),
+                           ("full KV", "full"))]
+  full = rows[2]
+  assert full["greedy acceptance"] == 1.0 and full["sum min(p,q) T=1"] == pytest.approx(1)
+  assert full["tokens/call s.e."] == 0.0 and full["sum min(p,q) s.e."] < 1e-5
   assert {r["verifier retrieved"] for r in rows} == {"1/2"}
-  assert rows[1]["answer match"] == 1.0 and 0 <= rows[2]["answer match"] <= 1
+  assert full["answer match"] == 1.0 and 0 <= rows[3]["answer match"] <= 1
+  assert rows[3]["sum min(p,q) s.e."] > 0  # another drafter: its overlap differs per prompt
+
+
+def test_each_policy_scores_once_for_all_its_budgets(tiny_pair, monkeypatch):
+  """Budgets share their policy's scores (H2O's cost a second prefill), and a budget sliced
+  from shared scores gives the logits of its own selection."""
+  config, params, _ = tiny_pair
+  prompt = jnp.array([list(range(3, 90))])
+  fed = jnp.array([list(range(90, 90 + NEW_TOKENS))])
+  calls = []
+  scored = acceptance.policy_scores
+  monkeypatch.setattr(acceptance, "policy_scores",
+                      lambda *args: calls.append(args[5].policy) or scored(*args))
+  sparsities = [dataclasses.replace(TINY_SPARSITY, budget=b) for b in (24, 40)]
+  shared = acceptance.teacher_forced_logits(config, params, prompt, fed, sparsities + [None],
+                                            gamma=GAMMA, prefill_chunk=CHUNK,
+                                            rng=jax.random.key(0))
+  assert calls == [TINY_SPARSITY.policy]
+  for sparsity, logits in zip(sparsities, shared):
+    alone, = acceptance.teacher_forced_logits(config, params, prompt, fed, [sparsity],
+                                              gamma=GAMMA, prefill_chunk=CHUNK,
+                                              rng=jax.random.key(0))
+    np.testing.assert_allclose(logits, alone, atol=1e-5)
+  assert not np.allclose(shared[0], shared[1], atol=1e-3)  # the budgets kept different keys

@@ -26,10 +26,11 @@ from budgetdraft.evaluation import results
 from budgetdraft.models import prefill
 from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.models.config import ModelConfig
-from budgetdraft.sparsity import selection
+from budgetdraft.sparsity import policies, selection
 
 # The drafter's sparse cache after its prefill, as decoding builds it (jitted once per shape).
 sparse_cache = jax.jit(selection.sparse_cache, static_argnames=("config", "sparsity", "gamma"))
+policy_scores = jax.jit(policies.policy_scores, static_argnames=("config", "sparsity"))
 
 
 def greedy_rounds(matches: np.ndarray, gamma: int, num_tokens: int) -> RoundStats:
@@ -66,7 +67,8 @@ def teacher_forced_logits(config: ModelConfig, params, prompt, continuation, spa
                           gamma: int, prefill_chunk: int, rng) -> list:
   """Logits [C, V] of the continuation [1, C] after the prompt [1, P], one per entry of
   `sparsities`: None = over the full cache, else over the drafter's sparse cache (as decoding
-  builds it: `selection.sparse_cache`). The prompt is prefilled once for all of them."""
+  builds it: `selection.sparse_cache`). The prompt is prefilled once for all of them, and each
+  policy scores it once for all its budgets (H2O's scores cost a second prefill)."""
   for sparsity in sparsities:
     if sparsity is not None and continuation.shape[1] > sparsity.ring_size(gamma):
       raise ValueError(f"continuation of {continuation.shape[1]} tokens overflows the ring of "
@@ -74,31 +76,37 @@ def teacher_forced_logits(config: ModelConfig, params, prompt, continuation, spa
   cache = prefill.prefill_cache(params, prompt, config=config,
                                 capacity=prompt.shape[1] + continuation.shape[1],
                                 prefill_chunk=prefill_chunk)
-  logits = []
+  lengths = cache.length
+  scores, logits = {}, []
   for sparsity in sparsities:
-    drafter_cache = cache if sparsity is None else sparse_cache(
-        config, params, cache, prompt, cache.length, sparsity, gamma, rng)
+    drafter_cache = cache
+    if sparsity is not None:
+      unbudgeted = dataclasses.replace(sparsity, budget=None)  # scores do not depend on it
+      if unbudgeted not in scores:
+        scores[unbudgeted] = policy_scores(config, params, cache, prompt, lengths, unbudgeted, rng)
+      drafter_cache = sparse_cache(config, params, cache, prompt, lengths, sparsity, gamma, rng,
+                                   scores=scores[unbudgeted])
     logits.append(prefill.continuation_logits(params, drafter_cache, continuation,
                                               config=config)[0])
   return logits
 
 
-def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, budgets: list,
-                         sparsity: selection.SparsityConfig, *, gamma: int, max_new_tokens: int,
-                         prefill_chunk: int, answers: dict | None = None) -> list[dict]:
-  """Rows (context, drafter, budget, greedy acceptance, tokens/call, sum min(p,q) T=1).
+def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sparsities: list,
+                         *, gamma: int, max_new_tokens: int, prefill_chunk: int,
+                         answers: dict | None = None) -> list[dict]:
+  """Rows (context, drafter, policy, budget, greedy acceptance, tokens/call and sum min(p,q) at
+  T=1, each with its standard error over prompts).
 
-  drafters: {label: (config, params)}; prompts: {context: [N, P] prompt tokens}; budgets: kept
-  keys per layer and KV head (None = the full cache); sparsity: policy and sizes (budget unset).
-  answers: {context: [text that correctly continues each prompt]} for retrieval tasks; the rows
-  then count the verifier's greedy continuations that hold it (`verifier retrieved`), and give
-  the drafter's agreement with the verifier on the answer's drafted tokens (`answer match`: its
-  tokens after the first, which the verifier emits itself): what only distant context holds.
+  drafters: {label: (config, params)}; prompts: {context: [N, P] prompt tokens}; sparsities: the
+  drafter caches to measure (`SparsityConfig`s; None = the full cache). answers: {context: [text
+  that correctly continues each prompt]} for retrieval tasks; the rows then count the verifier's
+  greedy continuations that hold it (`verifier retrieved`), and give the drafter's agreement with
+  the verifier on the answer's drafted tokens (`answer match`: its tokens after the first, which
+  the verifier emits itself): what only distant context holds.
   """
-  sparsities = [None if b is None else dataclasses.replace(sparsity, budget=b) for b in budgets]
   rows = []
   for context, windows in prompts.items():
-    totals, hits, answer_matches = {}, 0, {}
+    per_prompt, hits, answer_matches = {}, 0, {}  # per_prompt[(label, i)]: [(overlap, stats)]
     for prompt_index, window in enumerate(windows):
       started = time.time()
       prompt = jnp.asarray(window[None])
@@ -116,33 +124,46 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, bu
           rng=jax.random.key(0))
       verifier_logits, = logits(verifier.config, verifier.params, [None])
       for label, (config, params) in drafters.items():
-        for budget, drafter_logits in zip(budgets, logits(config, params, sparsities)):
-          overlap, stats = path_statistics(verifier_logits, drafter_logits, greedy, gamma,
-                                           max_new_tokens)
-          total_overlap, total_stats = totals.get((label, budget),
-                                                  (0.0, RoundStats.of_rounds([], gamma)))
-          totals[(label, budget)] = (total_overlap + overlap, total_stats + stats)
+        for index, drafter_logits in enumerate(logits(config, params, sparsities)):
+          per_prompt.setdefault((label, index), []).append(path_statistics(
+              verifier_logits, drafter_logits, greedy, gamma, max_new_tokens))
           if answers:
             agree = np.asarray(jnp.argmax(drafter_logits[:span], -1)) == greedy[1:span + 1]
-            answer_matches.setdefault((label, budget), []).extend(agree.tolist())
+            answer_matches.setdefault((label, index), []).extend(agree.tolist())
       logging.info("context %d prompt %d/%d measured in %.0f s", context, prompt_index + 1,
                    len(windows), time.time() - started)
-    for (label, budget), (overlap, stats) in totals.items():
-      rows.append({"context": context, "drafter": label, "budget": budget or "full",
+    for (label, index), measured in per_prompt.items():
+      sparsity = sparsities[index]
+      overlaps = [overlap for overlap, _ in measured]
+      stats = sum((s for _, s in measured[1:]), measured[0][1])
+      rows.append({"context": context, "drafter": label,
+                   "policy": sparsity.policy if sparsity else "full KV",
+                   "budget": sparsity.budget if sparsity else "full",
                    "greedy acceptance": stats.acceptance_rate,
                    "tokens/call": stats.tokens_per_call,
-                   "sum min(p,q) T=1": overlap / len(windows)})
+                   "tokens/call s.e.": results.mean_and_error(
+                       [s.tokens_per_call for _, s in measured])[1],
+                   "sum min(p,q) T=1": float(np.mean(overlaps)),
+                   "sum min(p,q) s.e.": results.mean_and_error(overlaps)[1]})
       if answers:
         rows[-1]["verifier retrieved"] = f"{hits}/{len(windows)}"
-        rows[-1]["answer match"] = float(np.mean(answer_matches[(label, budget)]))
+        rows[-1]["answer match"] = float(np.mean(answer_matches[(label, index)]))
   return rows
 
 
 def plot(rows: list[dict], path: str) -> None:
-  """Tokens per verifier call vs budget, one panel per context, one line per drafter."""
-  panels = {}
+  """Tokens per verifier call vs budget, one panel per context, one line per drafter and policy,
+  each ending at its drafter's full-cache value."""
+  full = {(r["context"], r["drafter"]): r["tokens/call"] for r in rows if r["policy"] == "full KV"}
+  lines = {}
   for row in rows:
-    series = panels.setdefault(f"{row['context'] // 1024}K context", {})
-    series.setdefault(row["drafter"], []).append((row["budget"], row["tokens/call"]))
+    if row["policy"] != "full KV":
+      lines.setdefault((row["context"], row["drafter"], row["policy"]), []).append(
+          (row["budget"], row["tokens/call"]))
+  panels = {}
+  for (context, drafter, policy), points in lines.items():
+    if (context, drafter) in full:
+      points = points + [("full", full[(context, drafter)])]
+    panels.setdefault(f"{context // 1024}K context", {})[f"{drafter}, {policy}"] = points
   results.plot_lines(path, panels, "drafter KV budget (kept prompt keys per layer and head)",
                      "tokens per verifier call (greedy)")

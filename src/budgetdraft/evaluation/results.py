@@ -12,6 +12,7 @@ import platform
 import sys
 
 import jax
+import numpy as np
 
 # Overrides that say where inputs live, not what is measured: they keep the committed name.
 LOCATION_FIELDS = frozenset({"data_dir"})
@@ -24,6 +25,14 @@ def output_path(results_dir: str, name: str, overrides: dict) -> str:
     text = json.dumps(measured, sort_keys=True, default=str)
     name = f"{name}-{hashlib.sha256(text.encode()).hexdigest()[:8]}"
   return os.path.join(results_dir, name)
+
+
+def mean_and_error(values) -> tuple[float, float]:
+  """Mean and standard error over prompts (nan error for a single prompt): a table cell's value
+  and the spread a reader weighs it by."""
+  values = np.asarray(values, np.float64)
+  error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
+  return float(values.mean()), float(error)
 
 
 def markdown_table(rows: list[dict], columns: list[str] | None = None) -> str:

@@ -120,13 +120,6 @@ def measure_speculative(verifier: Checkpoint, drafter, prompt, spec: speculative
               stats=stats, tokens=tokens)
 
 
-def _mean_and_error(values) -> tuple[float, float]:
-  """Mean and standard error over prompts (nan error for a single prompt)."""
-  values = np.asarray(values, np.float64)
-  error = values.std(ddof=1) / np.sqrt(len(values)) if len(values) > 1 else float("nan")
-  return float(values.mean()), float(error)
-
-
 def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=None) -> list[dict]:
   """One row per (context, variant). prompts: {context: [N, P] prompt tokens}; mesh: a
   `parallel.make_mesh` mesh to run on (None: the default device). The verifier decodes in the
@@ -161,8 +154,8 @@ def speedup(verifier: Checkpoint, prompts: dict, variants: list[Variant], mesh=N
       decode_s = total("decode_s")
       ms_per_round = 1e3 * decode_s / max(1, stats.rounds)
       same = all(r["tokens"] == a[2] for r, a in zip(runs, ar))
-      _, speedup_error = _mean_and_error([a[1] / r["decode_s"] for r, a in zip(runs, ar)])
-      _, calls_error = _mean_and_error([r["stats"].tokens_per_call for r in runs])
+      _, speedup_error = results.mean_and_error([a[1] / r["decode_s"] for r, a in zip(runs, ar)])
+      _, calls_error = results.mean_and_error([r["stats"].tokens_per_call for r in runs])
       # T_T: the AR loop's time per step (its first token comes from the prefill).
       ar_step_s = float(np.median([a[1] for a in ar])) / max(1, spec.max_new_tokens - 1)
       draft_cost = total("draft_s") / len(runs) / spec.gamma / ar_step_s  # T_D / T_T
