@@ -45,8 +45,9 @@ def pruning_table(verifier: Checkpoint, drafters: dict, prompts: dict, held_out,
   """
   nll = lambda config, params: float(prefill.negative_log_likelihood(
       params, jnp.asarray(held_out), config=config, chunk_size=perplexity_chunk))
-  accepted = acceptance.acceptance_vs_budget(verifier, drafters, prompts, budgets, sparsity,
-                                             gamma=gamma, max_new_tokens=max_new_tokens,
+  sparsities = [None if b is None else dataclasses.replace(sparsity, budget=b) for b in budgets]
+  accepted = acceptance.acceptance_vs_budget(verifier, drafters, prompts, sparsities, gamma=gamma,
+                                             max_new_tokens=max_new_tokens,
                                              prefill_chunk=prefill_chunk)
   context = max(prompts)
   prompt = jnp.asarray(prompts[context][:1])
