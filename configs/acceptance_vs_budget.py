@@ -11,9 +11,13 @@ Variants:
            streaming, SnapKV and H2O caches of 128-2048 keys (and its full cache), 8 held-out
            long_books prompts at 4K and 8K (~1 h on 2 cores, ~4 min a prompt at 8K; one context:
            --config.contexts="(4096,)");
+  eagle    issue 15's family (b): the shipped EAGLE drafter (drafters/smollm2-eagle, trained with
+           the BudgetDraft recipe on 512-token prompts) on the `self` grid, measured by the
+           greedy engine itself (not run yet);
   passkey, kv_retrieval, copy
-           the same on the `long_retrieval` task of that name (issue 15: the answer is in
-           distant context only), 8 prompts over depths 0.1-0.9.
+           families (a) and (b) side by side on the `long_retrieval` task of that name (issue
+           15: the answer is in distant context only), 8 prompts over depths 0.1-0.9 (copy:
+           50 min on 2 cores, 100 s a prompt at 4K, 230-260 s at 8K).
 Drafters are `drafters.load` sources with a label for the table. Results go to
 results/acceptance_vs_budget (smollm2) or results/acceptance_vs_budget_<variant>.
 """
@@ -24,8 +28,8 @@ RETRIEVAL_TASKS = ("passkey", "kv_retrieval", "copy")  # budgetdraft.data.long_r
 
 
 def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
-  if variant not in ("smollm2", "paper", "self") + RETRIEVAL_TASKS:
-    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper, self, "
+  if variant not in ("smollm2", "paper", "self", "eagle") + RETRIEVAL_TASKS:
+    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper, self, eagle, "
                      f"{', '.join(RETRIEVAL_TASKS)}")
   config = ml_collections.ConfigDict()
   config.variant = variant
@@ -47,15 +51,17 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   trained = "trained:checkpoints/budgetdraft_smollm2_"
   config.drafters = (("untrained cut", "layers:6"), ("naive", trained + "naive"),
                      ("single-budget", trained + "single"), ("BudgetDraft", trained + "multiview"))
-  if variant in RETRIEVAL_TASKS + ("self",):
-    # Family (a) of issue 15, untrained: the verifier drafting for itself (accepted fully over
-    # its full cache, so every lost token is the sparse cache's).
-    config.task = "" if variant == "self" else variant
+  if variant in RETRIEVAL_TASKS + ("self", "eagle"):
+    # Issue 15's family (a), untrained: the verifier drafting for itself (accepted fully over its
+    # full cache, so every lost token is the sparse cache's); family (b): the shipped drafter.
+    config.task = variant if variant in RETRIEVAL_TASKS else ""
     config.contexts = (4096, 8192)
     config.num_prompts = 8
     config.policies = ("streaming", "snapkv", "h2o")
     config.budgets = (128, 256, 512, 1024, 2048)
-    config.drafters = (("self", "self"),)
+    family_a, family_b = ("self", "self"), ("EAGLE", "trained:drafters/smollm2-eagle")
+    config.drafters = {"self": (family_a,), "eagle": (family_b,)}.get(variant,
+                                                                      (family_a, family_b))
   if variant == "paper":
     config.contexts = (3800 + 256 + 5, 8192)  # prompt = context - new tokens - gamma
     config.num_prompts = 9

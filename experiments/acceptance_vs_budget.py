@@ -13,6 +13,7 @@ import numpy as np
 
 from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing, retrieval
+from budgetdraft.decoding import speculative
 from budgetdraft.evaluation import acceptance, results
 from budgetdraft.sparsity.selection import SparsityConfig
 
@@ -29,12 +30,19 @@ def main(argv):
   for _, source in cfg.drafters:
     drafters.check(source)
   mesh = launch.mesh(cfg.mesh)
-  verifier = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint))
-  drafter_models = {label: parallel.place_drafter(mesh, drafters.load(source, verifier.config,
-                                                                     verifier.params))
+  verifier = parallel.place_checkpoint(mesh, launch.checkpoint(cfg.checkpoint, cfg.contexts))
+  # "self" is the verifier's own params object, so that it shares the verifier's prefill.
+  drafter_models = {label: (verifier.config, verifier.params) if source == "self" else
+                    parallel.place_drafter(mesh, drafters.load(source, verifier.config,
+                                                               verifier.params))
                     for label, source in cfg.drafters}
-  # The greedy path runs gamma tokens past max_new_tokens.
-  lengths = {context: context - cfg.max_new_tokens - cfg.gamma for context in cfg.contexts}
+  # The greedy path runs gamma tokens past max_new_tokens; the engine, which measures EAGLE
+  # drafters, reserves one position more.
+  after = cfg.max_new_tokens + cfg.gamma
+  if any(config.feature_dim for config, _ in drafter_models.values()):
+    after = speculative.positions_after_prompt(speculative.SpeculativeConfig(
+        gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens))
+  lengths = {context: context - after for context in cfg.contexts}
   answers = None
   if cfg.task:
     tasks = {context: retrieval.task_prompts(cfg.data_dir, cfg.task, verifier.tokenizer, length,
@@ -65,6 +73,10 @@ def main(argv):
            "exactly from one teacher-forced pass along the verifier's greedy path (tokens/call "
            "pools the rounds of all prompts); sum min(p,q) is the expected token-wise acceptance "
            "at temperature 1 on the same positions; s.e.: standard error over prompts.")
+  if any(config.feature_dim for config, _ in drafter_models.values()):
+    notes += (" An EAGLE drafter feeds its own hidden states within a round, so its rows are the "
+              "greedy engine's own rounds (one prefill, then decoding, per budget) and its sum "
+              "min(p,q) and answer match are not given (nan).")
   print(results.write(path, "Acceptance vs KV budget", rows, notes))
   acceptance.plot(rows, path + ".png")
 

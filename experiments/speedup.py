@@ -27,11 +27,7 @@ def main(argv):
     drafters.check(variant.drafter)
   prompt_lengths = {context: speedup.prompt_length(context, variants) for context in cfg.contexts}
   mesh = launch.mesh(cfg.mesh)
-  verifier = launch.checkpoint(cfg.checkpoint)
-  if max(cfg.contexts) > verifier.config.max_context:
-    raise ValueError(f"context {max(cfg.contexts)} exceeds the verifier's context of "
-                     f"{verifier.config.max_context} positions ({verifier.name}); pass "
-                     "--config.checkpoint=<a longer-context model> or shorter --config.contexts")
+  verifier = launch.checkpoint(cfg.checkpoint, cfg.contexts)
   prompts = {context: packing.dataset_sequences(cfg.dataset, cfg.data_dir, cfg.split,
                                                 verifier.tokenizer, length, cfg.num_prompts)
              for context, length in prompt_lengths.items()}

@@ -84,6 +84,23 @@ def test_the_table_counts_the_verifier_retrievals_and_accepts_the_verifier_fully
   assert rows[3]["sum min(p,q) s.e."] > 0  # another drafter: its overlap differs per prompt
 
 
+def test_the_verifier_drafting_for_itself_shares_its_prefill_exactly(tiny_pair):
+  """The verifier's own params object as a drafter reuses the verifier's prefill; a copy of the
+  params (prefilled on its own) gives the same rows."""
+  from budgetdraft.models.checkpoint_io import Checkpoint
+  config, params, _ = tiny_pair
+  verifier = Checkpoint(path="tiny", config=config, params=params, tokenizer=None)
+  copy = jax.tree.map(jnp.array, params)
+  rows = acceptance.acceptance_vs_budget(
+      verifier, {"self": (config, params), "copy": (config, copy)},
+      {100: np.array([list(range(3, 90))])}, [TINY_SPARSITY, None], gamma=GAMMA,
+      max_new_tokens=NEW_TOKENS, prefill_chunk=CHUNK)
+  shared, alone = rows[:2], rows[2:]
+  for a, b in zip(shared, alone):
+    assert {**a, "drafter": "copy"} == pytest.approx(b, nan_ok=True)
+  assert shared[0]["greedy acceptance"] < 1  # the sparse row differs from the full one
+
+
 def test_each_policy_scores_once_for_all_its_budgets(tiny_pair, monkeypatch):
   """Budgets share their policy's scores (H2O's cost a second prefill), and a budget sliced
   from shared scores gives the logits of its own selection."""

@@ -2,7 +2,7 @@
 
 import pytest
 
-from budgetdraft import verification
+from budgetdraft import drafters, verification
 from budgetdraft.evaluation import speedup as speedup_lib
 from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft import specprefill as specprefill_lib
@@ -57,6 +57,18 @@ def test_acceptance_vs_budget_config(variant):
   sparsity = SparsityConfig(budget=None, **cfg.sparsity)
   for budget in cfg.budgets:
     sparsity.check_budget(budget)
+
+
+@pytest.mark.parametrize("variant, families", [
+    ("self", ["self"]), ("eagle", ["EAGLE"]), ("passkey", ["self", "EAGLE"]),
+    ("copy", ["self", "EAGLE"])])
+def test_issue_15_variants_name_their_families_and_loadable_drafters(variant, families):
+  cfg = acceptance_vs_budget.get_config(variant)
+  assert [label for label, _ in cfg.drafters] == families
+  for _, source in cfg.drafters:
+    drafters.check(source)  # the shipped EAGLE drafter is in the checkout
+  assert cfg.task == ("" if variant in ("self", "eagle") else variant)
+  assert tuple(cfg.contexts) == (4096, 8192) and cfg.num_prompts >= 8
 
 
 def test_rule_efficiency_config_names_registered_rules():

@@ -150,3 +150,29 @@ def test_frequent_ids_rank_by_count_then_id():
   np.testing.assert_array_equal(drafters.frequent_ids(sequences, 4, 16), [1, 2, 5, 9])
   with pytest.raises(ValueError, match="draft_vocab"):
     drafters.frequent_ids(sequences, 0, 16)
+
+
+def test_acceptance_table_measures_eagle_with_the_engine(tiny_pair, eagle):
+  """An EAGLE drafter's rows are the engine's own rounds (its law within a round depends on where
+  the round began, so no teacher-forced pass gives them), per budget and prompt."""
+  from budgetdraft.evaluation import acceptance
+  from budgetdraft.models.checkpoint_io import Checkpoint
+  config, params, _ = tiny_pair
+  drafter_config, drafter_params = eagle
+  verifier = Checkpoint(path="tiny", config=config, params=params, tokenizer=None)
+  windows = np.array([PROMPTS[0], list(range(10, 97))])
+  rows = acceptance.acceptance_vs_budget(
+      verifier, {"eagle": eagle}, {100: windows}, [TINY_SPARSITY, None], gamma=3,
+      max_new_tokens=16, prefill_chunk=32)
+  for row, sparsity in zip(rows, [TINY_SPARSITY, None]):
+    spec = speculative.SpeculativeConfig(gamma=3, rule="block", max_new_tokens=16,
+                                         prefill_chunk=32, sparsity=sparsity)
+    per_prompt = [speculative.generate(params, drafter_params, [window.tolist()],
+                                       jax.random.key(1), verifier_config=config,
+                                       drafter_config=drafter_config, spec=spec)[1]
+                  for window in windows]
+    pooled = per_prompt[0] + per_prompt[1]
+    assert row["tokens/call"] == pooled.tokens_per_call
+    assert row["greedy acceptance"] == pooled.acceptance_rate
+    assert np.isnan(row["sum min(p,q) T=1"])
+  assert 1 < rows[0]["tokens/call"] < 4  # partly accepted: the replay is not trivially 1 or 4

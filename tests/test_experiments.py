@@ -58,8 +58,11 @@ def test_verification_table_rejects_empty_problems(flags, message):
 
 
 @pytest.mark.slow
-def test_a_16k_context_on_smollm2_is_refused_naming_the_fix():
-  result = _run("speedup.py", "--config=configs/speedup.py:long16k", "--results_dir=/dev/null")
+@pytest.mark.parametrize("script, flag", [
+    ("speedup.py", "--config=configs/speedup.py:long16k"),
+    ("acceptance_vs_budget.py", "--config=configs/acceptance_vs_budget.py:self")])
+def test_a_16k_context_on_smollm2_is_refused_naming_the_fix(script, flag):
+  result = _run(script, flag, "--config.contexts=(4096,16384)", "--results_dir=/dev/null")
   assert result.returncode != 0
   assert re.search("context 16384 exceeds the verifier's context of 8192 positions.*"
                    "--config.checkpoint", result.stderr), result.stderr[-2000:]

@@ -71,6 +71,24 @@ def test_zero_sizes_fail_at_the_config_not_deep_in_jax(field):
     selection.SparsityConfig(**{field: 0})
 
 
+@pytest.mark.parametrize("prompt_len", [150, 96])  # score_chunk 32: a partial last chunk, none
+def test_h2o_scores_are_the_attention_mass_of_every_prompt_query(tiny_model, prompt_len):
+  """Reference: one dense causal pass of all prompt queries at once, its probabilities summed
+  over queries and grouped heads; chunked scoring must give the same mass per key."""
+  config, params = tiny_model
+  prompt = jax.random.randint(jax.random.key(2), (1, prompt_len), 0, config.vocab_size)
+  lengths = jnp.array([prompt_len])
+  cache = _prefilled(config, params, prompt, lengths)
+  sparsity = dataclasses.replace(SPARSITY, policy="h2o")
+  scores = policies.h2o_scores(config, params, cache, prompt, lengths, sparsity, None)
+  probs = policies.attention_probs(config, params, cache, prompt,
+                                   jnp.arange(prompt_len)[None])  # [L, B, Hkv, G, T, S]
+  reference = np.asarray(probs.sum(axis=(3, 4)))
+  np.testing.assert_allclose(np.asarray(scores), reference, rtol=1e-4, atol=1e-4)
+  # No mass on the slots past the prompt (capacity 256 > 150).
+  assert np.all(np.asarray(scores)[..., prompt_len:] == 0)
+
+
 def test_snapkv_finds_planted_high_attention_keys():
   """A 1-layer model whose queries all point at one token's key: SnapKV must keep that token."""
   config = get_config("tiny-untied", num_layers=1, rope_theta=1e9, attention_block=64)

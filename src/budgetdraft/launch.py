@@ -43,7 +43,13 @@ def mesh(spec: str) -> jax.sharding.Mesh | None:
   return built
 
 
-def checkpoint(path: str) -> checkpoint_io.Checkpoint:
+def checkpoint(path: str, contexts=()) -> checkpoint_io.Checkpoint:
   """The model at `path` ("" = the default verifier) with this run's `--attention_impl`; drafters
-  built from it inherit the choice."""
-  return checkpoint_io.load(path, attention_impl=_ATTENTION_IMPL.value)
+  built from it inherit the choice. Refused, before any work, if one of the run's `contexts`
+  (prompt + generated positions) exceeds the model's positions."""
+  loaded = checkpoint_io.load(path, attention_impl=_ATTENTION_IMPL.value)
+  if contexts and max(contexts) > loaded.config.max_context:
+    raise ValueError(f"context {max(contexts)} exceeds the verifier's context of "
+                     f"{loaded.config.max_context} positions ({loaded.name}); pass "
+                     "--config.checkpoint=<a longer-context model> or shorter --config.contexts")
+  return loaded

@@ -9,6 +9,11 @@ y_{i+1}, and the engine's rounds are a replay of those matches (`greedy_rounds`)
 forward per (drafter, budget) yields the engine's acceptance and tokens per call, and also
 sum_v min(p, q): the expected acceptance of token-wise speculative sampling at temperature 1 on
 the same path.
+
+An EAGLE-style drafter (`feature_dim`) is the exception: within a round it feeds its own hidden
+states, so its law at a position depends on where the round began. It is measured by the greedy
+engine itself (`engine_statistics`: one prefill, then the rounds, per budget), whose output is
+checked against the verifier's greedy path; its sum min(p, q) is not given by one pass: nan.
 """
 
 import dataclasses
@@ -20,12 +25,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from budgetdraft.data import retrieval
-from budgetdraft.decoding import autoregressive
+from budgetdraft.decoding import autoregressive, speculative
 from budgetdraft.decoding.speculative import RoundStats
 from budgetdraft.evaluation import results
 from budgetdraft.models import prefill
 from budgetdraft.models.checkpoint_io import Checkpoint
 from budgetdraft.models.config import ModelConfig
+from budgetdraft.models.transformer import unroll
 from budgetdraft.sparsity import policies, selection
 
 # The drafter's sparse cache after its prefill, as decoding builds it (jitted once per shape).
@@ -91,6 +97,33 @@ def teacher_forced_logits(config: ModelConfig, params, prompt, continuation, spa
   return logits
 
 
+def engine_statistics(verifier_config: ModelConfig, verifier_params, config: ModelConfig,
+                      params, prompt, sparsities, *, gamma: int, max_new_tokens: int,
+                      prefill_chunk: int) -> list[tuple[list[int], RoundStats]]:
+  """(emitted tokens, greedy `RoundStats`) of the speculative engine for each entry of
+  `sparsities` (None = the drafter's full cache), both models prefilled once for all of them.
+  The verifier runs as given (pass it in the decoding layout: `transformer.unroll`)."""
+  specs = [speculative.SpeculativeConfig(gamma=gamma, rule="greedy",
+                                         max_new_tokens=max_new_tokens,
+                                         prefill_chunk=prefill_chunk, sparsity=sparsity)
+           for sparsity in sparsities]
+  lengths = jnp.array([prompt.shape[1]], jnp.int32)
+  capacity = prefill.check_request(verifier_config, prompt.shape[1],
+                                   speculative.positions_after_prompt(specs[0]), prefill_chunk)
+  logits, verifier_cache, drafter_cache, hidden = speculative.prefill_caches(
+      verifier_params, params, prompt, lengths, verifier_config=verifier_config,
+      drafter_config=config, capacity=capacity, prefill_chunk=prefill_chunk)
+  measured = []
+  for spec in specs:
+    state = speculative.begin(params, logits, verifier_cache, drafter_cache, prompt, lengths,
+                              jax.random.key(0), hidden, drafter_config=config, spec=spec)
+    state = speculative.decode(verifier_params, params, state, verifier_config=verifier_config,
+                               drafter_config=config, spec=spec)
+    (tokens,), stats = speculative.outputs_and_stats(state, spec)
+    measured.append((tokens, stats))
+  return measured
+
+
 def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sparsities: list,
                          *, gamma: int, max_new_tokens: int, prefill_chunk: int,
                          answers: dict | None = None) -> list[dict]:
@@ -102,9 +135,13 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
   that correctly continues each prompt]} for retrieval tasks; the rows then count the verifier's
   greedy continuations that hold it (`verifier retrieved`), and give the drafter's agreement with
   the verifier on the answer's drafted tokens (`answer match`: its tokens after the first, which
-  the verifier emits itself): what only distant context holds.
+  the verifier emits itself): what only distant context holds. A drafter given as the
+  verifier's own params object shares the verifier's prefill. An EAGLE-style drafter's rows come
+  from the engine (`engine_statistics`), with sum min(p,q) and answer match nan.
   """
   rows = []
+  decoding_layout = (unroll(verifier.config, verifier.params)
+                     if any(config.feature_dim for config, _ in drafters.values()) else None)
   for context, windows in prompts.items():
     per_prompt, hits, answer_matches = {}, 0, {}  # per_prompt[(label, i)]: [(overlap, stats)]
     for prompt_index, window in enumerate(windows):
@@ -122,9 +159,26 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
       logits = lambda config, params, sparsities: teacher_forced_logits(
           config, params, prompt, fed, sparsities, gamma=gamma, prefill_chunk=prefill_chunk,
           rng=jax.random.key(0))
-      verifier_logits, = logits(verifier.config, verifier.params, [None])
+      # The verifier drafting for itself: one prefill gives its own logits and its drafts'.
+      itself = next((label for label, (_, params) in drafters.items()
+                     if params is verifier.params), None)
+      verifier_logits, *own = logits(verifier.config, verifier.params,
+                                     [None] + (sparsities if itself else []))
       for label, (config, params) in drafters.items():
-        for index, drafter_logits in enumerate(logits(config, params, sparsities)):
+        if config.feature_dim:
+          for index, (tokens, stats) in enumerate(engine_statistics(
+              *decoding_layout, config, params, prompt, sparsities, gamma=gamma,
+              max_new_tokens=max_new_tokens, prefill_chunk=prefill_chunk)):
+            if tokens != greedy[:max_new_tokens].tolist():
+              logging.warning("%s at %s: the engine's output left the greedy AR path (a near "
+                              "tie?); its rounds are still the engine's", label,
+                              sparsities[index])
+            per_prompt.setdefault((label, index), []).append((float("nan"), stats))
+            if answers:
+              answer_matches.setdefault((label, index), []).append(float("nan"))
+          continue
+        measured = own if label == itself else logits(config, params, sparsities)
+        for index, drafter_logits in enumerate(measured):
           per_prompt.setdefault((label, index), []).append(path_statistics(
               verifier_logits, drafter_logits, greedy, gamma, max_new_tokens))
           if answers:

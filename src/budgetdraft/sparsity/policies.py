@@ -102,23 +102,21 @@ def snapkv_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, 
 
 
 def h2o_scores(config, params, cache, prompt, prompt_lengths, sparsity, rng, features=None):
+  """Chunk by chunk (unrolled), each chunk's queries over the slots up to its end: the later
+  keys are causally invisible, and attending to them too doubled the scoring time. The last
+  chunk is only as wide as the prompt, so no padding query adds mass; a ragged batch's shorter
+  rows still get their own pad tokens' mass (spread over their keys)."""
   del rng, prompt_lengths
-  chunk = sparsity.score_chunk
-  num_chunks = -(-prompt.shape[1] // chunk)
-  padded = jnp.pad(prompt, ((0, 0), (0, num_chunks * chunk - prompt.shape[1])))
-
-  def accumulate(total, index):
-    start = index * chunk
-    tokens = jax.lax.dynamic_slice_in_dim(padded, start, chunk, axis=1)
-    positions = jnp.broadcast_to(start + jnp.arange(chunk), tokens.shape)
-    clipped = jnp.minimum(positions, prompt.shape[1] - 1)  # padded queries: any valid feature
-    scores, _, _ = key_scores(config, params, cache, tokens, positions,
-                              _rows_at(features, clipped))
-    return total + scores, None
-
-  # Padded queries past a row's prompt only add mass to keys the selector ignores or forces.
-  init = jnp.zeros(cache.k.shape[:3] + (cache.capacity,), jnp.float32)
-  return jax.lax.scan(accumulate, init, jnp.arange(num_chunks))[0]
+  total = jnp.zeros(cache.k.shape[:3] + (cache.capacity,), jnp.float32)
+  for start in range(0, prompt.shape[1], sparsity.score_chunk):
+    end = min(start + sparsity.score_chunk, prompt.shape[1])
+    tokens = prompt[:, start:end]
+    positions = jnp.broadcast_to(jnp.arange(start, end), tokens.shape)
+    prefix = cache.map_slots(lambda x, end=end: x[..., :end, :])
+    scores, _, _ = key_scores(config, params, prefix, tokens, positions,
+                              _rows_at(features, positions))
+    total = total.at[..., :end].add(scores)
+  return total
 
 
 def lookahead(config: ModelConfig, params, cache: FullKVCache, prompt, prompt_lengths,
