@@ -142,6 +142,9 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
   rows = []
   decoding_layout = (unroll(verifier.config, verifier.params)
                      if any(config.feature_dim for config, _ in drafters.values()) else None)
+  # The verifier drafting for itself: one prefill gives its own logits and its drafts'.
+  itself = next((label for label, (_, params) in drafters.items() if params is verifier.params),
+                None)
   for context, windows in prompts.items():
     per_prompt, hits, answer_matches = {}, 0, {}  # per_prompt[(label, i)]: [(overlap, stats)]
     for prompt_index, window in enumerate(windows):
@@ -159,9 +162,6 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
       logits = lambda config, params, sparsities: teacher_forced_logits(
           config, params, prompt, fed, sparsities, gamma=gamma, prefill_chunk=prefill_chunk,
           rng=jax.random.key(0))
-      # The verifier drafting for itself: one prefill gives its own logits and its drafts'.
-      itself = next((label for label, (_, params) in drafters.items()
-                     if params is verifier.params), None)
       verifier_logits, *own = logits(verifier.config, verifier.params,
                                      [None] + (sparsities if itself else []))
       for label, (config, params) in drafters.items():
