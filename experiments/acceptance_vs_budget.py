@@ -13,7 +13,6 @@ import numpy as np
 
 from budgetdraft import drafters, launch, parallel
 from budgetdraft.data import packing, retrieval
-from budgetdraft.decoding import speculative
 from budgetdraft.evaluation import acceptance, results
 from budgetdraft.sparsity.selection import SparsityConfig
 
@@ -36,13 +35,8 @@ def main(argv):
                     parallel.place_drafter(mesh, drafters.load(source, verifier.config,
                                                                verifier.params))
                     for label, source in cfg.drafters}
-  # The greedy path runs gamma tokens past max_new_tokens; the engine, which measures EAGLE
-  # drafters, reserves one position more.
-  by_engine = any(config.feature_dim for config, _ in drafter_models.values())
-  after = cfg.max_new_tokens + cfg.gamma
-  if by_engine:
-    after = speculative.positions_after_prompt(speculative.SpeculativeConfig(
-        gamma=cfg.gamma, max_new_tokens=cfg.max_new_tokens))
+  after = acceptance.positions_after_prompt(drafter_models, gamma=cfg.gamma,
+                                           max_new_tokens=cfg.max_new_tokens)
   lengths = {context: context - after for context in cfg.contexts}
   answers = None
   if cfg.task:
@@ -74,7 +68,7 @@ def main(argv):
            "exactly from one teacher-forced pass along the verifier's greedy path (tokens/call "
            "pools the rounds of all prompts); sum min(p,q) is the expected token-wise acceptance "
            "at temperature 1 on the same positions; s.e.: standard error over prompts.")
-  if by_engine:
+  if any(config.feature_dim for config, _ in drafter_models.values()):
     notes += (" An EAGLE drafter feeds its own hidden states within a round, so its rows are the "
               "greedy engine's own rounds (one prefill, then decoding, per budget) and its sum "
               "min(p,q) and answer match are not given (nan).")

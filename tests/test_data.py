@@ -190,6 +190,10 @@ def test_task_prompts_put_the_answer_only_at_their_depth(tiny_retrieval, task):
     intro = len(long_retrieval.INTROS[task])
     assert text.count(header) == 1 and text.index(header) <= text.index(answer)
     assert abs((text.index(header) - intro) / (question - intro) - prompt.depth) < 0.1
+    start, end = prompt.inserted  # the span holds the inserted block, header and answer
+    inserted = text[start:end]
+    assert inserted.startswith("\n\n") and inserted.endswith("\n\n")
+    assert header in inserted and answer in inserted and text.count(inserted) == 1
     if task == "copy":  # the question quotes the passage's first words, the answer its rest
       cue = text[text.rindex('"') + 1:]
       assert text.index(cue + prompt.answer.rstrip('"')) < question

@@ -1,5 +1,6 @@
 """EAGLE-style drafters (a feature input) and reduced-vocabulary heads, through the whole engine."""
 
+import dataclasses
 import functools
 
 import jax
@@ -176,3 +177,26 @@ def test_acceptance_table_measures_eagle_with_the_engine(tiny_pair, eagle):
     assert row["greedy acceptance"] == pooled.acceptance_rate
     assert np.isnan(row["sum min(p,q) T=1"])
   assert 1 < rows[0]["tokens/call"] < 4  # partly accepted: the replay is not trivially 1 or 4
+
+
+def test_a_table_leaves_its_prompts_the_positions_the_engine_reserves(tiny_pair, eagle):
+  """The engine (EAGLE rows) reserves one position more than the teacher-forced path: prompts of
+  max_context - `positions_after_prompt` tokens fit both, one token more fails the engine only."""
+  from budgetdraft.evaluation import acceptance
+  from budgetdraft.models.checkpoint_io import Checkpoint
+  config, params, _ = tiny_pair
+  short = dataclasses.replace(config, max_context=120)
+  verifier = Checkpoint(path="tiny", config=short, params=params, tokenizer=None)
+  itself, with_eagle = {"self": (short, params)}, {"self": (short, params), "eagle": eagle}
+  gamma, new_tokens = 3, 16
+  free = {label: acceptance.positions_after_prompt(models, gamma=gamma,
+                                                   max_new_tokens=new_tokens)
+          for label, models in (("self", itself), ("eagle", with_eagle))}
+  assert free == {"self": new_tokens + gamma, "eagle": new_tokens + gamma + 1}
+  table = lambda models, length: acceptance.acceptance_vs_budget(
+      verifier, models, {120: np.arange(3, 3 + length)[None]}, [None], gamma=gamma,
+      max_new_tokens=new_tokens, prefill_chunk=32)
+  assert len(table(with_eagle, 120 - free["eagle"])) == 2
+  assert len(table(itself, 120 - free["self"])) == 1
+  with pytest.raises(ValueError, match="exceeds the model's context of 120"):
+    table(with_eagle, 120 - free["self"])

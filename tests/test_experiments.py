@@ -40,6 +40,11 @@ def _run(script: str, *flags: str) -> subprocess.CompletedProcess:
     ("prune.py", ["--config.budgets=(16,)"], "below sinks \\+ window"),
     ("prune.py", ["--config.calibration_length=700"], "calibration_length=700"),
     ("bench_decode.py", ["--config.layouts=('stacked',)"], "expected a non-empty tuple of"),
+    ("lost_positions.py", ["--config=configs/acceptance_vs_budget.py:self"],
+     "needs a long_retrieval task config"),
+    ("lost_positions.py", ["--example=8"], "below num_prompts=8"),
+    ("lost_positions.py", ["--divisor=64"], "below sinks \\+ window"),
+    ("lost_positions.py", ["--drafter=layer:8"], "expected 'self', 'layers:<k>'"),
 ])
 def test_bad_settings_fail_before_the_checkpoint_is_opened(script, flags, message):
   """The checkpoint does not exist: a check that ran after loading would report that instead."""

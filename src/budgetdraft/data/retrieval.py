@@ -27,8 +27,9 @@ class PasskeyPrompt:
 
 
 def assemble(intro: list[int], filler, needle: list[int], question: list[int], length: int,
-             depth: float) -> list[int]:
-  """A `length`-token prompt: intro, filler tokens with the needle at `depth`, question."""
+             depth: float) -> tuple[list[int], int]:
+  """(a `length`-token prompt: intro, filler tokens with the needle at `depth`, question; the
+  needle's first position)."""
   if not 0 <= depth <= 1:
     raise ValueError(f"depth={depth} must be in [0, 1]")
   room = length - len(intro) - len(needle) - len(question)
@@ -37,13 +38,14 @@ def assemble(intro: list[int], filler, needle: list[int], question: list[int], l
                      f"(got {len(filler)}); raise the length or pass longer filler")
   filler = list(np.asarray(filler[:room]).tolist())
   at = int(round(depth * room))
-  return intro + filler[:at] + needle + filler[at:] + question
+  return intro + filler[:at] + needle + filler[at:] + question, len(intro) + at
 
 
 def passkey_prompt(tokenizer, filler, length: int, depth: float, key: str) -> PasskeyPrompt:
   """A `length`-token prompt: intro, filler tokens with the needle at `depth`, question."""
-  tokens = assemble(tokenizer.encode(INTRO), filler, tokenizer.encode(NEEDLE.format(key=key)),
-                    tokenizer.encode(QUESTION), length, depth)
+  tokens, _ = assemble(tokenizer.encode(INTRO), filler,
+                       tokenizer.encode(NEEDLE.format(key=key)), tokenizer.encode(QUESTION),
+                       length, depth)
   return PasskeyPrompt(tokens=tokens, answer=key, depth=depth)
 
 
@@ -74,6 +76,7 @@ class TaskPrompt:
   answer: str         # the text that correctly continues the prompt
   task: str
   depth: float        # where the inserted text sits, as a fraction of the filler
+  inserted: tuple[int, int]  # its token span [start, end) in the prompt: what only it holds
 
 
 def task_prompts(data_dir: str, task: str, tokenizer, length: int, count: int) -> list[TaskPrompt]:
@@ -95,8 +98,9 @@ def task_prompts(data_dir: str, task: str, tokenizer, length: int, count: int) -
   prompts = []
   for e in examples[:count]:
     filler = tokenizer.encode(text(e["filler"]))
-    tokens = assemble(tokenizer.encode(text(e["intro"])), filler,
-                      tokenizer.encode(text(e["insert"])), tokenizer.encode(text(e["question"])),
-                      length, float(e["depth"]))
-    prompts.append(TaskPrompt(tokens, text(e["answer"]), task, round(float(e["depth"]), 3)))
+    insert = tokenizer.encode(text(e["insert"]))
+    tokens, start = assemble(tokenizer.encode(text(e["intro"])), filler, insert,
+                             tokenizer.encode(text(e["question"])), length, float(e["depth"]))
+    prompts.append(TaskPrompt(tokens, text(e["answer"]), task, round(float(e["depth"]), 3),
+                              (start, start + len(insert))))
   return prompts

@@ -69,32 +69,49 @@ def path_statistics(verifier_logits, drafter_logits, greedy_tokens, gamma: int,
   return float(overlap[:num_tokens - 1].mean()), greedy_rounds(matches, gamma, num_tokens)
 
 
-def teacher_forced_logits(config: ModelConfig, params, prompt, continuation, sparsities, *,
-                          gamma: int, prefill_chunk: int, rng) -> list:
-  """Logits [C, V] of the continuation [1, C] after the prompt [1, P], one per entry of
-  `sparsities`: None = over the full cache, else over the drafter's sparse cache (as decoding
-  builds it: `selection.sparse_cache`). The prompt is prefilled once for all of them, and each
-  policy scores it once for all its budgets (H2O's scores cost a second prefill)."""
+def drafter_caches(config: ModelConfig, params, prompt, sparsities, *, continuation_length: int,
+                   gamma: int, prefill_chunk: int, rng) -> list:
+  """The drafter's cache after its prefill of the prompt [1, P], one per entry of `sparsities`:
+  None = the full cache (room for continuation_length more tokens), else the sparse cache as
+  decoding builds it (`selection.sparse_cache`). The prompt is prefilled once for all of them, and
+  each policy scores it once for all its budgets (H2O's scores cost a second prefill)."""
   for sparsity in sparsities:
-    if sparsity is not None and continuation.shape[1] > sparsity.ring_size(gamma):
-      raise ValueError(f"continuation of {continuation.shape[1]} tokens overflows the ring of "
+    if sparsity is not None and continuation_length > sparsity.ring_size(gamma):
+      raise ValueError(f"continuation of {continuation_length} tokens overflows the ring of "
                        f"{sparsity.ring_size(gamma)}: teacher forcing would differ from decoding")
   cache = prefill.prefill_cache(params, prompt, config=config,
-                                capacity=prompt.shape[1] + continuation.shape[1],
+                                capacity=prompt.shape[1] + continuation_length,
                                 prefill_chunk=prefill_chunk)
   lengths = cache.length
-  scores, logits = {}, []
+  scores, caches = {}, []
   for sparsity in sparsities:
-    drafter_cache = cache
-    if sparsity is not None:
-      unbudgeted = dataclasses.replace(sparsity, budget=None)  # scores do not depend on it
-      if unbudgeted not in scores:
-        scores[unbudgeted] = policy_scores(config, params, cache, prompt, lengths, unbudgeted, rng)
-      drafter_cache = sparse_cache(config, params, cache, prompt, lengths, sparsity, gamma, rng,
-                                   scores=scores[unbudgeted])
-    logits.append(prefill.continuation_logits(params, drafter_cache, continuation,
-                                              config=config)[0])
-  return logits
+    if sparsity is None:
+      caches.append(cache)
+      continue
+    unbudgeted = dataclasses.replace(sparsity, budget=None)  # scores do not depend on it
+    if unbudgeted not in scores:
+      scores[unbudgeted] = policy_scores(config, params, cache, prompt, lengths, unbudgeted, rng)
+    caches.append(sparse_cache(config, params, cache, prompt, lengths, sparsity, gamma, rng,
+                               scores=scores[unbudgeted]))
+  return caches
+
+
+def teacher_forced_logits(config: ModelConfig, params, prompt, continuation, sparsities, *,
+                          gamma: int, prefill_chunk: int, rng) -> list:
+  """Logits [C, V] of the continuation [1, C] after the prompt [1, P] over each of the drafter's
+  caches (`drafter_caches`, one per entry of `sparsities`)."""
+  caches = drafter_caches(config, params, prompt, sparsities,
+                          continuation_length=continuation.shape[1], gamma=gamma,
+                          prefill_chunk=prefill_chunk, rng=rng)
+  return [prefill.continuation_logits(params, cache, continuation, config=config)[0]
+          for cache in caches]
+
+
+def greedy_path(verifier: Checkpoint, window, *, length: int, prefill_chunk: int) -> np.ndarray:
+  """The verifier's greedy continuation [length] of one prompt [P] (AR decoding)."""
+  return np.array(autoregressive.generate(
+      verifier.params, [np.asarray(window).tolist()], jax.random.key(0), config=verifier.config,
+      max_new_tokens=length, prefill_chunk=prefill_chunk)[0])
 
 
 def engine_statistics(verifier_config: ModelConfig, verifier_params, config: ModelConfig,
@@ -124,6 +141,15 @@ def engine_statistics(verifier_config: ModelConfig, verifier_params, config: Mod
   return measured
 
 
+def positions_after_prompt(drafters: dict, *, gamma: int, max_new_tokens: int) -> int:
+  """Positions a table's prompts must leave free: the greedy path runs gamma tokens past
+  max_new_tokens, and the engine, which measures EAGLE-style drafters, reserves one more."""
+  if any(config.feature_dim for config, _ in drafters.values()):
+    return speculative.positions_after_prompt(speculative.SpeculativeConfig(
+        gamma=gamma, max_new_tokens=max_new_tokens))
+  return max_new_tokens + gamma
+
+
 def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sparsities: list,
                          *, gamma: int, max_new_tokens: int, prefill_chunk: int,
                          answers: dict | None = None) -> list[dict]:
@@ -150,9 +176,8 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
     for prompt_index, window in enumerate(windows):
       started = time.time()
       prompt = jnp.asarray(window[None])
-      greedy = np.array(autoregressive.generate(
-          verifier.params, [window.tolist()], jax.random.key(0), config=verifier.config,
-          max_new_tokens=max_new_tokens + gamma, prefill_chunk=prefill_chunk)[0])
+      greedy = greedy_path(verifier, window, length=max_new_tokens + gamma,
+                           prefill_chunk=prefill_chunk)
       fed = jnp.asarray(greedy[None, :-1])
       if answers:
         answer = answers[context][prompt_index]

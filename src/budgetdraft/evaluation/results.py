@@ -50,8 +50,10 @@ def machine_description() -> str:
 
 
 def write(path_without_extension: str, title: str, rows: list[dict], notes: str = "",
-          columns: list[str] | None = None, with_csv: bool = False) -> str:
-  """Writes `<path>.md` (title, command, machine, table, notes), `<path>.json` (and `.csv`).
+          columns: list[str] | None = None, with_csv: bool = False,
+          details: dict | None = None) -> str:
+  """Writes `<path>.md` (title, command, machine, table, notes), `<path>.json` (and `.csv`);
+  `details`: more of what was measured, for the json alone (e.g. the rows behind each cell).
 
   Returns the markdown table.
   """
@@ -62,7 +64,8 @@ def write(path_without_extension: str, title: str, rows: list[dict], notes: str 
     f.write(f"# {title}\n\nCommand: `python {command}`\n\nMachine: {machine_description()}\n\n"
             f"{table}\n\n{notes}".rstrip() + "\n")
   with open(path_without_extension + ".json", "w") as f:
-    json.dump({"command": command, "machine": machine_description(), "rows": rows}, f, indent=1)
+    json.dump({"command": command, "machine": machine_description(), "rows": rows,
+               **(details or {})}, f, indent=1)
   if with_csv:
     with open(path_without_extension + ".csv", "w", newline="") as f:
       writer = csv.DictWriter(f, fieldnames=list(rows[0]))
