@@ -13,7 +13,7 @@ Variants:
            --config.contexts="(4096,)");
   eagle    issue 15's family (b): the shipped EAGLE drafter (drafters/smollm2-eagle, trained with
            the BudgetDraft recipe on 512-token prompts) on the `self` grid, measured by the
-           greedy engine itself (not run yet);
+           greedy engine itself (4K: 20 min on 2 cores beside another run);
   passkey, kv_retrieval, copy
            families (a) and (b) side by side on the `long_retrieval` task of that name (issue
            15: the answer is in distant context only), 8 prompts over depths 0.1-0.9 (copy:
