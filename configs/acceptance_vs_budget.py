@@ -14,6 +14,11 @@ Variants:
   eagle    issue 15's family (b): the shipped EAGLE drafter (drafters/smollm2-eagle, trained with
            the BudgetDraft recipe on 512-token prompts) on the `self` grid, measured by the
            greedy engine itself (4K: 20 min on 2 cores beside another run);
+  self_trained
+           issue 15's family (a) trained: the verifier drafting for itself untrained, naively
+           trained and BudgetDraft-trained (configs/budgetdraft_smollm2.py:self_naive and
+           :self_multiview; train them first) on the `self` grid, with paired gap tables
+           (4K: 18 min on 2 cores; `--config.task=copy` for the copy task);
   passkey, kv_retrieval, copy
            families (a) and (b) side by side on the `long_retrieval` task of that name (issue
            15: the answer is in distant context only), 8 prompts over depths 0.1-0.9 (copy:
@@ -28,9 +33,10 @@ RETRIEVAL_TASKS = ("passkey", "kv_retrieval", "copy")  # budgetdraft.data.long_r
 
 
 def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
-  if variant not in ("smollm2", "paper", "self", "eagle") + RETRIEVAL_TASKS:
-    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper, self, eagle, "
-                     f"{', '.join(RETRIEVAL_TASKS)}")
+  families = ("self", "self_trained", "eagle")
+  if variant not in ("smollm2", "paper") + families + RETRIEVAL_TASKS:
+    raise ValueError(f"unknown variant {variant!r}; valid: smollm2, paper, "
+                     f"{', '.join(families + RETRIEVAL_TASKS)}")
   config = ml_collections.ConfigDict()
   config.variant = variant
   config.checkpoint = ""           # verifier; "" = the embedded SmolLM2-135M-Instruct GGUF
@@ -48,10 +54,11 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
   config.policies = ("snapkv",)    # each at every budget
   config.sparsity = ml_collections.ConfigDict(     # SparsityConfig fields but policy and budget
       {"sinks": 4, "window": 64, "recent": 128})
+  config.compare = ()               # (drafter, baseline) label pairs: a paired gap table
   trained = "trained:checkpoints/budgetdraft_smollm2_"
   config.drafters = (("untrained cut", "layers:6"), ("naive", trained + "naive"),
                      ("single-budget", trained + "single"), ("BudgetDraft", trained + "multiview"))
-  if variant in RETRIEVAL_TASKS + ("self", "eagle"):
+  if variant in RETRIEVAL_TASKS + families:
     # Issue 15's family (a), untrained: the verifier drafting for itself (accepted fully over its
     # full cache, so every lost token is the sparse cache's); family (b): the shipped drafter.
     config.task = variant if variant in RETRIEVAL_TASKS else ""
@@ -60,8 +67,13 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     config.policies = ("streaming", "snapkv", "h2o")
     config.budgets = (128, 256, 512, 1024, 2048)
     family_a, family_b = ("self", "self"), ("EAGLE", "trained:drafters/smollm2-eagle")
-    config.drafters = {"self": (family_a,), "eagle": (family_b,)}.get(variant,
-                                                                      (family_a, family_b))
+    trained_a = (("self naive", trained + "self_naive"),
+                 ("self BudgetDraft", trained + "self_multiview"))
+    config.drafters = {"self": (family_a,), "self_trained": (family_a,) + trained_a,
+                       "eagle": (family_b,)}.get(variant, (family_a, family_b))
+    if variant == "self_trained":
+      config.compare = (("self BudgetDraft", "self naive"), ("self BudgetDraft", "self"),
+                        ("self naive", "self"))
   if variant == "paper":
     config.contexts = (3800 + 256 + 5, 8192)  # prompt = context - new tokens - gamma
     config.num_prompts = 9

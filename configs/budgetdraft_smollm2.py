@@ -15,7 +15,13 @@ Variants (one trainer; they differ only in the sparse branch):
   gpu        the multi-view recipe at accelerator scale (4K prompts, 5 budgets, 2000 steps;
              not run yet: no accelerator was lent to this project);
   pruned     the Bonsai 50% verifier (issue 16; run experiments/prune.py first) trained further
-             with the multi-view recipe, P = 512, C = 256, teacher on the fly.
+             with the multi-view recipe, P = 512, C = 256, teacher on the fly;
+  self_naive, self_multiview
+             issue 15's family (a): the whole verifier (all 30 blocks) as its own drafter, trained
+             naively (full cache only) or with the multi-view recipe over budgets 96-256
+             (1/11 to 1/4 of the 1024-token prompts), at a fine-tuning learning rate
+             and without gradient through the prompt's prefill. Its full-cache branch starts at
+             the teacher, so naive distillation only chases the teacher's top-64 truncation.
 The naive / single / multiview variants fit a 2-core machine in about 15 minutes each and share
 one teacher cache; eagle's cache also holds the verifier's hidden states.
 The entry point converts this dict into a `training.config.TrainConfig` (typed, validated).
@@ -23,7 +29,8 @@ The entry point converts this dict into a `training.config.TrainConfig` (typed, 
 
 import ml_collections
 
-VARIANTS = ("naive", "single", "multiview", "eagle", "gpu", "pruned")
+VARIANTS = ("naive", "single", "multiview", "eagle", "gpu", "pruned", "self_naive",
+            "self_multiview")
 
 
 def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
@@ -73,8 +80,13 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
   config.allow_config_change = False  # resume a workdir under a changed recipe (logged)
   config.mesh = ""                # "data=4,model=2"; "" = every device on data (if several)
 
-  if variant == "naive":
+  if variant in ("naive", "self_naive"):
     config.num_views = 0
+  if variant.startswith("self_"):
+    config.drafter_layers = 30    # SmolLM2-135M's every block: the verifier drafting for itself
+    config.budgets = (96, 128, 192, 256)  # 1/11 to 1/4 of P (64 = P/16 < sinks + window)
+    config.learning_rate = 3e-5
+    config.prefix_gradient = False
   elif variant == "single":
     config.budgets = (256,)
     config.num_views = 1

@@ -26,6 +26,10 @@ def main(argv):
   # Every policy at every budget, then the full cache (None); bad sizes fail here, before loading.
   sparsities = [SparsityConfig(policy=policy, budget=budget, **cfg.sparsity)
                 for policy in cfg.policies for budget in cfg.budgets] + [None]
+  names = [label for label, _ in cfg.drafters]
+  for pair in cfg.compare:
+    if len(pair) != 2 or not set(pair) <= set(names):
+      raise ValueError(f"--config.compare pair {pair} must name two of the drafters {names}")
   for _, source in cfg.drafters:
     drafters.check(source)
   mesh = launch.mesh(cfg.mesh)
@@ -72,7 +76,16 @@ def main(argv):
     notes += (" An EAGLE drafter feeds its own hidden states within a round, so its rows are the "
               "greedy engine's own rounds (one prefill, then decoding, per budget) and its sum "
               "min(p,q) and answer match are not given (nan).")
-  print(results.write(path, "Acceptance vs KV budget", rows, notes))
+  gaps = [gap for drafter, baseline in cfg.compare
+          for gap in acceptance.paired_gaps(rows, drafter, baseline)]
+  if gaps:
+    notes += ("\n\nPaired by prompt (gap: the drafter's tokens/call minus the baseline's on the "
+              "same prompts; share: its tokens/call over its own full cache's; means of the "
+              "per-prompt values, with standard errors over prompts):\n\n"
+              + results.markdown_table(gaps))
+  columns = [key for key in rows[0] if key != acceptance.PER_PROMPT]  # the json keeps them
+  print(results.write(path, "Acceptance vs KV budget", rows, notes, columns=columns,
+                      details={"paired": gaps}))
   acceptance.plot(rows, path + ".png")
 
 

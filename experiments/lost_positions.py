@@ -57,8 +57,12 @@ def main(argv):
       max_new_tokens=cfg.max_new_tokens, prefill_chunk=cfg.prefill_chunk,
       example=_EXAMPLE.value)
 
+  # The flags that change what is measured name the run too, so that no run overwrites another.
+  measured = {holder.name: holder.value for holder in (_DRAFTER, _DIVISOR, _EXAMPLE)
+              if holder.present}
   path = results.output_path(_RESULTS_DIR.value, f"lost_positions_{cfg.task}",
-                             config_flags.get_override_values(flags.FLAGS["config"]))
+                             {**config_flags.get_override_values(flags.FLAGS["config"]),
+                              **measured})
   notes = (f"Verifier {verifier.name}; drafter `{_DRAFTER.value}`, teacher-forced along the "
            f"verifier's greedy path. {cfg.num_prompts} long_retrieval {cfg.task} prompts per "
            f"context (depths 0.1-0.9), {cfg.max_new_tokens} greedy tokens, gamma={cfg.gamma}, "

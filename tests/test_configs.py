@@ -71,6 +71,15 @@ def test_issue_15_variants_name_their_families_and_loadable_drafters(variant, fa
   assert tuple(cfg.contexts) == (4096, 8192) and cfg.num_prompts >= 8
 
 
+def test_the_trained_family_a_table_reads_the_workdirs_its_training_configs_write():
+  cfg = acceptance_vs_budget.get_config("self_trained")
+  assert [label for label, _ in cfg.drafters] == ["self", "self naive", "self BudgetDraft"]
+  workdirs = [budgetdraft_smollm2.get_config(v).workdir for v in ("self_naive", "self_multiview")]
+  assert [source for _, source in cfg.drafters[1:]] == [f"trained:{w}" for w in workdirs]
+  assert cfg.task == "" and cfg.policies == ("streaming", "snapkv", "h2o")
+  assert ("self BudgetDraft", "self naive") in cfg.compare  # the issue's gap, paired by prompt
+
+
 def test_rule_efficiency_config_names_registered_rules():
   cfg = rule_efficiency.get_config()
   assert {rule for rule, _ in cfg.rules} <= set(verification.RULES)

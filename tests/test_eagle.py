@@ -175,6 +175,8 @@ def test_acceptance_table_measures_eagle_with_the_engine(tiny_pair, eagle):
     pooled = per_prompt[0] + per_prompt[1]
     assert row["tokens/call"] == pooled.tokens_per_call
     assert row["greedy acceptance"] == pooled.acceptance_rate
+    assert row[acceptance.PER_PROMPT] == pytest.approx([p.tokens_per_call for p in per_prompt],
+                                                       abs=1e-4)
     assert np.isnan(row["sum min(p,q) T=1"])
   assert 1 < rows[0]["tokens/call"] < 4  # partly accepted: the replay is not trivially 1 or 4
 

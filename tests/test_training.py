@@ -219,7 +219,9 @@ def test_shipped_configs_are_valid_for_smollm2(variant):
   assert raw.allow_config_change is False
   cfg = TrainConfig.from_dict(raw)
   cfg.check_against(get_config("smollm2-135m"), cfg.prompt_len + cfg.continuation)
-  assert (cfg.num_views == 0) == (variant == "naive")
+  assert (cfg.num_views == 0) == (variant in ("naive", "self_naive"))
+  if variant.startswith("self_"):  # family (a): the drafter is the verifier, every block of it
+    assert cfg.drafter == "layers" and cfg.drafter_layers == get_config("smollm2-135m").num_layers
 
 
 def test_training_on_the_pallas_kernels_equals_the_jnp_path(tiny_teacher, tmp_path):
