@@ -21,7 +21,8 @@ Variants (one trainer; they differ only in the sparse branch):
              naively (full cache only) or with the multi-view recipe over budgets 96-256
              (1/11 to 1/4 of the 1024-token prompts), at a fine-tuning learning rate
              and without gradient through the prompt's prefill. Its full-cache branch starts at
-             the teacher, so naive distillation only chases the teacher's top-64 truncation.
+             the teacher, so naive distillation only chases the teacher's top-64 truncation;
+             `--config.targets=argmax` trains on the teacher's argmax instead (published).
 The naive / single / multiview variants fit a 2-core machine in about 15 minutes each and share
 one teacher cache; eagle's cache also holds the verifier's hidden states.
 The entry point converts this dict into a `training.config.TrainConfig` (typed, validated).
@@ -62,6 +63,8 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
   config.weight_decay = 0.0
   config.grad_clip = 1.0
   config.kl_weight = 0.5          # forward-KL share of the divergence (gradient early on)
+  config.targets = "soft"         # "argmax": cross-entropy to the teacher's argmax (published)
+  config.prefix_gradient = True   # False: the prompt's keys are prefilled without gradient
 
   # SparsityConfig fields of the inference selection that builds the views (budgets below).
   config.sparsity = ml_collections.ConfigDict(
