@@ -83,13 +83,15 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
   config.allow_config_change = False  # resume a workdir under a changed recipe (logged)
   config.mesh = ""                # "data=4,model=2"; "" = every device on data (if several)
 
-  if variant in ("naive", "self_naive"):
+  if variant == "naive":
     config.num_views = 0
-  if variant.startswith("self_"):
+  elif variant.startswith("self_"):
     config.drafter_layers = 30    # SmolLM2-135M's every block: the verifier drafting for itself
     config.budgets = (96, 128, 192, 256)  # 1/11 to 1/4 of P (64 = P/16 < sinks + window)
     config.learning_rate = 3e-5
     config.prefix_gradient = False
+    if variant == "self_naive":
+      config.num_views = 0
   elif variant == "single":
     config.budgets = (256,)
     config.num_views = 1
