@@ -16,9 +16,11 @@ Variants:
            greedy engine itself (4K: 20 min on 2 cores beside another run);
   self_trained
            issue 15's family (a) trained: the verifier drafting for itself untrained, naively
-           trained and BudgetDraft-trained (configs/budgetdraft_smollm2.py:self_naive and
-           :self_multiview; train them first) on the `self` grid, with paired gap tables
-           (4K: 18 min on 2 cores; `--config.task=copy` for the copy task);
+           trained and BudgetDraft-trained, on the top-64 teacher with TV + KL
+           (configs/budgetdraft_smollm2.py:self_naive, :self_multiview) and on the whole law
+           with KL alone (:self_naive_kl, :self_multiview_kl; train them first), on the `self`
+           grid, with paired gap tables (4K: ~6 min a drafter on 2 cores; `--config.task=copy`
+           for the copy task);
   passkey, kv_retrieval, copy
            families (a) and (b) side by side on the `long_retrieval` task of that name (issue
            15: the answer is in distant context only), 8 prompts over depths 0.1-0.9 (copy:
@@ -68,12 +70,15 @@ def get_config(variant: str = "smollm2") -> ml_collections.ConfigDict:
     config.budgets = (128, 256, 512, 1024, 2048)
     family_a, family_b = ("self", "self"), ("EAGLE", "trained:drafters/smollm2-eagle")
     trained_a = (("self naive", trained + "self_naive"),
-                 ("self BudgetDraft", trained + "self_multiview"))
+                 ("self BudgetDraft", trained + "self_multiview"),
+                 ("self naive KL", trained + "self_naive_kl"),
+                 ("self BudgetDraft KL", trained + "self_multiview_kl"))
     config.drafters = {"self": (family_a,), "self_trained": (family_a,) + trained_a,
                        "eagle": (family_b,)}.get(variant, (family_a, family_b))
     if variant == "self_trained":
-      config.compare = (("self BudgetDraft", "self naive"), ("self BudgetDraft", "self"),
-                        ("self naive", "self"))
+      config.compare = tuple(pair for kl in ("", " KL") for pair in (
+          (f"self BudgetDraft{kl}", f"self naive{kl}"), (f"self BudgetDraft{kl}", "self"),
+          (f"self naive{kl}", "self")))
   if variant == "paper":
     config.contexts = (3800 + 256 + 5, 8192)  # prompt = context - new tokens - gamma
     config.num_prompts = 9

@@ -73,11 +73,16 @@ def test_issue_15_variants_name_their_families_and_loadable_drafters(variant, fa
 
 def test_the_trained_family_a_table_reads_the_workdirs_its_training_configs_write():
   cfg = acceptance_vs_budget.get_config("self_trained")
-  assert [label for label, _ in cfg.drafters] == ["self", "self naive", "self BudgetDraft"]
-  workdirs = [budgetdraft_smollm2.get_config(v).workdir for v in ("self_naive", "self_multiview")]
+  assert [label for label, _ in cfg.drafters] == [
+      "self", "self naive", "self BudgetDraft", "self naive KL", "self BudgetDraft KL"]
+  workdirs = [budgetdraft_smollm2.get_config(v).workdir
+              for v in ("self_naive", "self_multiview", "self_naive_kl", "self_multiview_kl")]
   assert [source for _, source in cfg.drafters[1:]] == [f"trained:{w}" for w in workdirs]
   assert cfg.task == "" and cfg.policies == ("streaming", "snapkv", "h2o")
-  assert ("self BudgetDraft", "self naive") in cfg.compare  # the issue's gap, paired by prompt
+  labels = {label for label, _ in cfg.drafters}
+  assert all(drafter in labels and baseline in labels for drafter, baseline in cfg.compare)
+  for kl in ("", " KL"):  # the issue's gap, paired by prompt, for each teacher
+    assert (f"self BudgetDraft{kl}", f"self naive{kl}") in cfg.compare
 
 
 def test_rule_efficiency_config_names_registered_rules():

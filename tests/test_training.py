@@ -201,6 +201,8 @@ def test_a_pruned_verifier_trains_as_a_drafter_and_decodes_losslessly(tiny_teach
     (dict(budgets=()), "budget list is empty"),
     (dict(budgets=(4, 16)), "below sinks \\+ window"),
     (dict(sparse_weight=-0.5), "lambda"),
+    (dict(kl_weight=0.0, rejection_weight=0.0), "not both 0"),
+    (dict(rejection_weight=-1.0), "must be >= 0"),
     (dict(budgets=(16, 48)), "keeps the whole 48-token prompt"),
     (dict(continuation=8), "prompt_len \\+ continuation"),
 ])
@@ -219,9 +221,12 @@ def test_shipped_configs_are_valid_for_smollm2(variant):
   assert raw.allow_config_change is False
   cfg = TrainConfig.from_dict(raw)
   cfg.check_against(get_config("smollm2-135m"), cfg.prompt_len + cfg.continuation)
-  assert (cfg.num_views == 0) == (variant in ("naive", "self_naive"))
+  assert (cfg.num_views == 0) == (variant in ("naive", "self_naive", "self_naive_kl"))
   if variant.startswith("self_"):  # family (a): the drafter is the verifier, every block of it
     assert cfg.drafter == "layers" and cfg.drafter_layers == get_config("smollm2-135m").num_layers
+  if variant.endswith("_kl"):  # ... starting at the teacher: its whole law, KL alone
+    assert cfg.teacher.top_k == get_config("smollm2-135m").vocab_size and not cfg.teacher.cache_dir
+    assert cfg.rejection_weight == 0 and cfg.kl_weight > 0
 
 
 def test_training_on_the_pallas_kernels_equals_the_jnp_path(tiny_teacher, tmp_path):

@@ -37,6 +37,24 @@ def test_expected_rejection_is_total_variation():
   np.testing.assert_allclose(rejection, 0.5 * np.abs(p - q).sum(-1), atol=1e-6)
 
 
+def test_kl_alone_is_stationary_where_the_drafter_is_its_teacher():
+  """Family (a)'s drafter starts at its teacher up to float noise: TV's kink turns that noise into
+  a full-size gradient, forward KL's gradient vanishes with it (rejection_weight=0)."""
+  keys = jax.random.split(jax.random.key(1), 2)
+  teacher = jax.nn.softmax(jax.random.normal(keys[0], (2, 6, 50)) * 2)
+  logits = jnp.log(teacher) + 1e-6 * jax.random.normal(keys[1], teacher.shape)
+  mask = jnp.ones((2, 6))
+  grad_norm = lambda kl, rejection: float(jnp.linalg.norm(jax.grad(lambda z: losses.divergence(
+      teacher, z, mask, kl, rejection_weight=rejection)[0])(logits)))
+  assert grad_norm(1.0, 0.0) < 1e-5
+  assert grad_norm(0.0, 1.0) > 1e-2
+  other = jax.random.normal(keys[1], teacher.shape)
+  rejection = float(losses.divergence(teacher, other, mask, 0.0)[0])
+  assert 0.1 < rejection < 1
+  assert float(losses.divergence(teacher, other, mask, 0.0, rejection_weight=2.0)[0]) == (
+      pytest.approx(2 * rejection, rel=1e-6))
+
+
 def test_mask_selects_positions():
   p = jnp.array([[[1.0, 0.0], [1.0, 0.0]]])
   q = _logits([[[1.0, 1e-9], [1e-9, 1.0]]])

@@ -66,6 +66,8 @@ class TrainConfig:
   grad_clip: float = 1.0
   final_lr_fraction: float = 0.1   # the cosine schedule ends at this share of learning_rate
   kl_weight: float = 0.5           # forward-KL share of the divergence (gradient early on)
+  rejection_weight: float = 1.0    # expected-rejection (TV) share; 0 = forward KL alone, whose
+                                   # gradient vanishes where the drafter equals the teacher
   targets: str = "soft"            # "soft": rejection + kl_weight KL against the teacher's top-k
                                    # law; "argmax": cross-entropy to its argmax (published recipe)
   prefix_gradient: bool = True     # False: the prompt's keys are prefilled without gradient
@@ -112,6 +114,10 @@ class TrainConfig:
       raise ValueError(f"num_views={self.num_views} must be >= 0")
     if self.targets not in ("soft", "argmax"):
       raise ValueError(f"targets={self.targets!r}; valid: 'soft', 'argmax'")
+    if min(self.kl_weight, self.rejection_weight) < 0 or (
+        self.targets == "soft" and not self.kl_weight + self.rejection_weight):
+      raise ValueError(f"kl_weight={self.kl_weight} and rejection_weight={self.rejection_weight} "
+                       "must be >= 0, not both 0 (soft targets)")
     if not 0.0 <= self.final_lr_fraction <= 1.0:
       raise ValueError(f"final_lr_fraction={self.final_lr_fraction} must be in [0, 1]")
     if self.budget_weights and (len(self.budget_weights) != len(self.budgets) or

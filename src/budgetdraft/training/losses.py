@@ -2,7 +2,9 @@
 
 - acceptance-aware loss (full-cache branch): the expected rejection of token-wise speculative
   sampling, 1 - sum_v min(p_t(v), q_t(v)) = TV(p_t, q_t), optionally mixed with forward KL(p || q),
-  whose gradient does not vanish where the supports are disjoint (useful early in training);
+  whose gradient does not vanish where the supports are disjoint (useful early in training) and
+  does vanish where q = p (TV's kink there turns float noise into a full-size step: a drafter
+  that starts at its teacher, the verifier drafting for itself, trains on KL alone);
 - multi-view loss (sparse-cache branch): the same divergence for each sampled budget's view,
   averaged over views;
 - total = L_full + lambda * mean_B L_sparse(B);
@@ -50,10 +52,12 @@ def argmax_log_prob(teacher_probs, draft_log_probs):
   return jnp.take_along_axis(draft_log_probs, target, axis=-1)[..., 0]
 
 
-def divergence(teacher_probs, draft_logits, mask, kl_weight: float, hard_labels: bool = False):
-  """(loss, acceptance = 1 - masked mean rejection). loss: the masked mean of expected rejection +
-  kl_weight * forward KL, or with hard_labels the cross-entropy to the teacher's argmax over the
-  positions whose argmax the drafter can score (a reduced head cannot learn the others)."""
+def divergence(teacher_probs, draft_logits, mask, kl_weight: float, hard_labels: bool = False,
+               rejection_weight: float = 1.0):
+  """(loss, acceptance = 1 - masked mean rejection). loss: the masked mean of rejection_weight *
+  expected rejection + kl_weight * forward KL, or with hard_labels the cross-entropy to the
+  teacher's argmax over the positions whose argmax the drafter can score (a reduced head cannot
+  learn the others)."""
   draft_log_probs = jax.nn.log_softmax(draft_logits.astype(jnp.float32), axis=-1)
   rejection = expected_rejection(teacher_probs, draft_log_probs)
   mask = mask.astype(jnp.float32)
@@ -63,7 +67,7 @@ def divergence(teacher_probs, draft_logits, mask, kl_weight: float, hard_labels:
     scorable = jnp.isfinite(log_q)
     loss = mean(jnp.where(scorable, -log_q, 0.0), mask * scorable)
   else:
-    per_position = rejection
+    per_position = rejection_weight * rejection
     if kl_weight:
       per_position = per_position + kl_weight * forward_kl(teacher_probs, draft_log_probs)
     loss = mean(per_position)
@@ -71,16 +75,18 @@ def divergence(teacher_probs, draft_logits, mask, kl_weight: float, hard_labels:
 
 
 def budgetdraft_loss(teacher_probs, full_logits, view_logits, mask, *, sparse_weight: float,
-                     kl_weight: float = 0.0, hard_labels: bool = False):
+                     kl_weight: float = 0.0, hard_labels: bool = False,
+                     rejection_weight: float = 1.0):
   """(total, parts) with parts = {"full": L_full, "sparse": mean_B L_sparse(B), "per_view": [M],
   "acceptance_full": scalar, "acceptance_views": [M]}; acceptance = expected token-wise acceptance.
 
   teacher_probs: [B, T, V]; full_logits: [B, T, V]; view_logits: [M, B, T, V] (M budgets, M = 0
   trains the full branch alone: naive distillation).
   """
-  full, acceptance_full = divergence(teacher_probs, full_logits, mask, kl_weight, hard_labels)
-  per_view, acceptance_views = jax.vmap(
-      lambda logits: divergence(teacher_probs, logits, mask, kl_weight, hard_labels))(view_logits)
+  score = lambda logits: divergence(teacher_probs, logits, mask, kl_weight, hard_labels,
+                                    rejection_weight)
+  full, acceptance_full = score(full_logits)
+  per_view, acceptance_views = jax.vmap(score)(view_logits)
   sparse = jnp.mean(per_view) if view_logits.shape[0] else jnp.zeros(())
   return full + sparse_weight * sparse, {
       "full": full, "sparse": sparse, "per_view": per_view, "acceptance_full": acceptance_full,

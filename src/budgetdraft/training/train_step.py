@@ -74,7 +74,8 @@ def make_train_step(model_config: ModelConfig, config: TrainConfig,
     teacher = teacher_lib.dense_probs(teacher_ids, teacher_probs, model_config.vocab_size)
     mask = jnp.ones(teacher.shape[:-1])
     loss = functools.partial(losses.budgetdraft_loss, sparse_weight=sparse_weight,
-                             kl_weight=config.kl_weight, hard_labels=config.targets == "argmax")
+                             kl_weight=config.kl_weight, hard_labels=config.targets == "argmax",
+                             rejection_weight=config.rejection_weight)
     total, parts = loss(teacher, logits[0], logits[1:], mask)
     if config.self_fed_weight:
       # The first position is fed the verifier's state in both passes: only the others count.
