@@ -81,7 +81,7 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
   config.sparse_weight = 1.0      # lambda
 
   config.teacher = ml_collections.ConfigDict()
-  config.teacher.top_k = 64
+  config.teacher.top_k = 64       # 0 = the verifier's whole law (on the fly only)
   config.teacher.cache_dir = "checkpoints/teacher_smollm2_p1024_c256"  # "" = on the fly
 
   config.log_every = 10
@@ -100,7 +100,7 @@ def get_config(variant: str = "multiview") -> ml_collections.ConfigDict:
       config.num_views = 0
     if variant.endswith("_kl"):
       config.kl_weight, config.rejection_weight = 1.0, 0.0
-      config.teacher.top_k = 49152  # SmolLM2's vocabulary: the whole law
+      config.teacher.top_k = 0  # the whole law, on the fly
       config.teacher.cache_dir = ""
   elif variant == "single":
     config.budgets = (256,)

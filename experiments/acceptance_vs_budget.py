@@ -80,10 +80,12 @@ def main(argv):
           for gap in acceptance.paired_gaps(rows, drafter, baseline)]
   if gaps:
     notes += ("\n\nPaired by prompt (gap: the drafter's tokens/call minus the baseline's on the "
-              "same prompts; share: its tokens/call over its own full cache's; means of the "
+              "same prompts; share: its tokens/call over its own full cache's; T=1 gap: its sum "
+              "min(p,q) minus the baseline's; means of the "
               "per-prompt values, with standard errors over prompts):\n\n"
               + results.markdown_table(gaps))
-  columns = [key for key in rows[0] if key != acceptance.PER_PROMPT]  # the json keeps them
+  per_prompt = (acceptance.PER_PROMPT, acceptance.PER_PROMPT_OVERLAP)
+  columns = [key for key in rows[0] if key not in per_prompt]  # the json keeps them
   print(results.write(path, "Acceptance vs KV budget", rows, notes, columns=columns,
                       details={"paired": gaps}))
   acceptance.plot(rows, path + ".png")

@@ -83,10 +83,14 @@ def test_the_table_counts_the_verifier_retrievals_and_accepts_the_verifier_fully
   assert full["answer match"] == 1.0 and 0 <= rows[3]["answer match"] <= 1
   assert rows[3]["sum min(p,q) s.e."] > 0  # another drafter: its overlap differs per prompt
   assert full[acceptance.PER_PROMPT] == [GAMMA + 1] * 2
-  for row in rows:  # the per-prompt values are the ones behind the standard error
-    assert len(row[acceptance.PER_PROMPT]) == 2
-    assert results.mean_and_error(row[acceptance.PER_PROMPT])[1] == pytest.approx(
-        row["tokens/call s.e."], abs=1e-3)
+  for row in rows:  # the per-prompt values are the ones behind the mean and standard error
+    for key, mean, error in ((acceptance.PER_PROMPT, "tokens/call", "tokens/call s.e."),
+                             (acceptance.PER_PROMPT_OVERLAP, "sum min(p,q) T=1",
+                              "sum min(p,q) s.e.")):
+      assert len(row[key]) == 2
+      assert results.mean_and_error(row[key])[1] == pytest.approx(row[error], abs=1e-3)
+    assert np.mean(row[acceptance.PER_PROMPT_OVERLAP]) == pytest.approx(
+        row["sum min(p,q) T=1"], abs=1e-4)
 
 
 def test_the_verifier_drafting_for_itself_shares_its_prefill_exactly(tiny_pair):
@@ -102,7 +106,8 @@ def test_the_verifier_drafting_for_itself_shares_its_prefill_exactly(tiny_pair):
       max_new_tokens=NEW_TOKENS, prefill_chunk=CHUNK)
   shared, alone = rows[:2], rows[2:]
   for a, b in zip(shared, alone):
-    assert a.pop(acceptance.PER_PROMPT) == pytest.approx(b.pop(acceptance.PER_PROMPT))
+    for key in (acceptance.PER_PROMPT, acceptance.PER_PROMPT_OVERLAP):
+      assert a.pop(key) == pytest.approx(b.pop(key), abs=1e-4)
     assert {**a, "drafter": "copy"} == pytest.approx(b, nan_ok=True)
   assert shared[0]["greedy acceptance"] < 1  # the sparse row differs from the full one
 
@@ -131,18 +136,23 @@ def test_each_policy_scores_once_for_all_its_budgets(tiny_pair, monkeypatch):
 
 
 def test_paired_gaps_compare_two_drafters_prompt_by_prompt():
-  """The gap is the mean of per-prompt differences (a hard prompt hurts both drafters and
+  """The gaps are means of per-prompt differences (a hard prompt hurts both drafters and
   cancels), the share each prompt's budget value over its own full-cache value."""
-  row = lambda drafter, policy, budget, values: {
+  row = lambda drafter, policy, budget, values, overlaps: {
       "context": 8, "drafter": drafter, "policy": policy, "budget": budget,
-      acceptance.PER_PROMPT: values}
-  rows = [row("a", "snapkv", 4, [3.0, 4.0, 2.0]), row("a", "full KV", "full", [4.0, 4.0, 4.0]),
-          row("b", "snapkv", 4, [2.0, 3.5, 2.0]), row("b", "full KV", "full", [4.0, 4.0, 4.0])]
+      acceptance.PER_PROMPT: values, acceptance.PER_PROMPT_OVERLAP: overlaps}
+  rows = [row("a", "snapkv", 4, [3.0, 4.0, 2.0], [0.6, 0.9, 0.5]),
+          row("a", "full KV", "full", [4.0, 4.0, 4.0], [1.0, 1.0, 1.0]),
+          row("b", "snapkv", 4, [2.0, 3.5, 2.0], [0.5, 0.5, 0.5]),
+          row("b", "full KV", "full", [4.0, 4.0, 4.0], [1.0, 1.0, 1.0])]
   sparse, full = acceptance.paired_gaps(rows, "a", "b")
   assert (sparse["policy"], sparse["budget"], sparse["baseline"]) == ("snapkv", 4, "b")
   assert sparse["gap"] == pytest.approx(0.5) and sparse["gap s.e."] == pytest.approx(0.5 / 3**.5)
   assert sparse["share of own full"] == pytest.approx(0.75)
   assert sparse["share s.e."] == pytest.approx(0.25 / 3**.5)
+  assert sparse["T=1 gap"] == pytest.approx(0.5 / 3)  # differences 0.1, 0.4, 0
+  assert sparse["T=1 gap s.e."] == pytest.approx(np.std([0.1, 0.4, 0.0], ddof=1) / 3**.5)
   assert (full["gap"], full["gap s.e."], full["share of own full"]) == (0.0, 0.0, 1.0)
+  assert (full["T=1 gap"], full["T=1 gap s.e."]) == (0.0, 0.0)
   with pytest.raises(ValueError, match="'c' has no row"):
     acceptance.paired_gaps(rows, "a", "c")

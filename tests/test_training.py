@@ -9,6 +9,7 @@ import subprocess
 import sys
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -20,8 +21,9 @@ from budgetdraft.pruning import checkpoint as pruned_checkpoint
 from budgetdraft.sparsity.selection import SparsityConfig
 from budgetdraft.models.transformer import init_params
 from budgetdraft import drafters
+from budgetdraft.training import teacher as teacher_lib
 from budgetdraft.training import trainer
-from budgetdraft.training.config import TrainConfig
+from budgetdraft.training.config import TeacherConfig, TrainConfig
 from configs import budgetdraft_paper, budgetdraft_smollm2
 
 PROMPT_LEN, CONTINUATION = 48, 16
@@ -127,6 +129,32 @@ def test_cached_teacher_targets_equal_on_the_fly_and_refuse_other_settings(tiny_
     trainer.train(cached_cfg, config, params, sequences[::-1].copy())
 
 
+def test_the_whole_law_teacher_equals_top_k_over_the_whole_vocabulary(tiny_teacher, tmp_path):
+  """top_k = 0 hands the verifier's law to the loss as it is (no top-k, no scatter): the same
+  targets and the same training as a top-k that keeps every token; a cache of it is refused."""
+  config, params = tiny_teacher
+  sequences = _sequences(config.vocab_size, count=2)
+  tokens = jnp.asarray(sequences)
+  ids, probs = teacher_lib.teacher_targets(params, tokens, config=config, prompt_len=PROMPT_LEN,
+                                           top_k=config.vocab_size, prefill_chunk=16)
+  none, law = teacher_lib.teacher_targets(params, tokens, config=config, prompt_len=PROMPT_LEN,
+                                          top_k=0, prefill_chunk=16)
+  assert none is None and law.shape == (2, CONTINUATION, config.vocab_size)
+  np.testing.assert_allclose(law, teacher_lib.dense_probs(ids, probs, config.vocab_size),
+                             atol=1e-6)
+  runs = [trainer.train(dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher,
+                                                                             top_k=top_k)),
+                        config, params, sequences)
+          for top_k in (config.vocab_size, 0)
+          for cfg in [_config(steps=3, workdir=str(tmp_path / str(top_k)))]]
+  np.testing.assert_allclose([h["loss"] for h in runs[0]], [h["loss"] for h in runs[1]],
+                             rtol=1e-5)
+  with pytest.raises(ValueError, match="on the fly"):
+    TeacherConfig(top_k=0, cache_dir=str(tmp_path / "cache"))
+  with pytest.raises(ValueError, match="or 0 for the whole law"):
+    TeacherConfig(top_k=-1)
+
+
 def _assert_speculates_like_ar(config, params, drafter_config, drafter_params, sequences):
   """Greedy speculative decoding with the drafter over a sparse cache equals greedy AR."""
   prompts = [sequences[0, :40].tolist(), sequences[1, :30].tolist()]
@@ -225,7 +253,7 @@ def test_shipped_configs_are_valid_for_smollm2(variant):
   if variant.startswith("self_"):  # family (a): the drafter is the verifier, every block of it
     assert cfg.drafter == "layers" and cfg.drafter_layers == get_config("smollm2-135m").num_layers
   if variant.endswith("_kl"):  # ... starting at the teacher: its whole law, KL alone
-    assert cfg.teacher.top_k == get_config("smollm2-135m").vocab_size and not cfg.teacher.cache_dir
+    assert cfg.teacher.top_k == 0 and not cfg.teacher.cache_dir
     assert cfg.rejection_weight == 0 and cfg.kl_weight > 0
 
 

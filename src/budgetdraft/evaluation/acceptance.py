@@ -151,14 +151,16 @@ def positions_after_prompt(drafters: dict, *, gamma: int, max_new_tokens: int) -
 
 
 PER_PROMPT = "tokens/call per prompt"
+PER_PROMPT_OVERLAP = "sum min(p,q) per prompt"
 
 
 def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sparsities: list,
                          *, gamma: int, max_new_tokens: int, prefill_chunk: int,
                          answers: dict | None = None) -> list[dict]:
   """Rows (context, drafter, policy, budget, greedy acceptance, tokens/call and sum min(p,q) at
-  T=1, each with its standard error over prompts; `PER_PROMPT` lists each prompt's tokens/call,
-  in prompt order, so that two drafters can be compared prompt by prompt).
+  T=1, each with its standard error over prompts; `PER_PROMPT` and `PER_PROMPT_OVERLAP` list each
+  prompt's tokens/call and sum min(p,q), in prompt order, so that two drafters can be compared
+  prompt by prompt).
 
   drafters: {label: (config, params)}; prompts: {context: [N, P] prompt tokens}; sparsities: the
   drafter caches to measure (`SparsityConfig`s; None = the full cache). answers: {context: [text
@@ -228,7 +230,8 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
                        [s.tokens_per_call for _, s in measured])[1],
                    PER_PROMPT: [round(s.tokens_per_call, 4) for _, s in measured],
                    "sum min(p,q) T=1": float(np.mean(overlaps)),
-                   "sum min(p,q) s.e.": results.mean_and_error(overlaps)[1]})
+                   "sum min(p,q) s.e.": results.mean_and_error(overlaps)[1],
+                   PER_PROMPT_OVERLAP: [round(overlap, 5) for overlap in overlaps]})
       if answers:
         rows[-1]["verifier retrieved"] = f"{hits}/{len(windows)}"
         rows[-1]["answer match"] = float(np.mean(answer_matches[(label, index)]))
@@ -236,22 +239,25 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
 
 
 def paired_gaps(rows: list[dict], drafter: str, baseline: str) -> list[dict]:
-  """Per (context, policy, budget) of `drafter`: its tokens/call minus `baseline`'s, prompt by
-  prompt (paired, so each prompt's own difficulty cancels), and its share of its own full-cache
-  tokens/call, prompt by prompt; each a mean with its standard error over prompts."""
+  """Per (context, policy, budget) of `drafter`: its tokens/call and its sum min(p,q) at T=1 minus
+  `baseline`'s, prompt by prompt (paired, so each prompt's own difficulty cancels), and its share
+  of its own full-cache tokens/call, prompt by prompt; each a mean with its standard error over
+  prompts (nan for an EAGLE drafter's sum min(p,q), which the engine does not give)."""
   cell = lambda row: (row["context"], row["policy"], row["budget"])
-  theirs = {cell(row): row[PER_PROMPT] for row in rows if row["drafter"] == baseline}
+  theirs = {cell(row): row for row in rows if row["drafter"] == baseline}
   mine = [row for row in rows if row["drafter"] == drafter]
   full = {row["context"]: row[PER_PROMPT] for row in mine if row["budget"] == "full"}
   gaps = []
   for row in mine:
     if cell(row) not in theirs:
       raise ValueError(f"{baseline!r} has no row at {cell(row)}")
-    gap = results.mean_and_error(np.subtract(row[PER_PROMPT], theirs[cell(row)]))
+    gap, overlap_gap = (results.mean_and_error(np.subtract(row[key], theirs[cell(row)][key]))
+                        for key in (PER_PROMPT, PER_PROMPT_OVERLAP))
     share = results.mean_and_error(np.divide(row[PER_PROMPT], full[row["context"]]))
     gaps.append({"context": row["context"], "policy": row["policy"], "budget": row["budget"],
                  "drafter": drafter, "baseline": baseline, "gap": gap[0], "gap s.e.": gap[1],
-                 "share of own full": share[0], "share s.e.": share[1]})
+                 "share of own full": share[0], "share s.e.": share[1],
+                 "T=1 gap": overlap_gap[0], "T=1 gap s.e.": overlap_gap[1]})
   return gaps
 
 

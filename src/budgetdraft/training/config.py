@@ -21,14 +21,18 @@ RUN_CONTROL_FIELDS = frozenset({"workdir", "variant", "checkpoint", "data_dir", 
 
 @dataclasses.dataclass(frozen=True)
 class TeacherConfig:
-  """The shared full-cache teacher: the verifier's top-k next-token probabilities."""
+  """The shared full-cache teacher: the verifier's top-k next-token probabilities (top_k = 0: its
+  whole law, on the fly only; a cache of it would hold 4 bytes per vocabulary entry per token)."""
 
   top_k: int = 64
   cache_dir: str = ""  # "" = on the fly; else cached once in <cache_dir>/targets.array_record
 
   def __post_init__(self):
-    if self.top_k < 1:
-      raise ValueError(f"teacher.top_k={self.top_k} must be >= 1")
+    if self.top_k < 0:
+      raise ValueError(f"teacher.top_k={self.top_k} must be >= 1, or 0 for the whole law")
+    if self.top_k == 0 and self.cache_dir:
+      raise ValueError("teacher.top_k=0 (the whole law) is computed on the fly; set "
+                       "teacher.cache_dir='' or cache a top_k >= 1")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,7 +185,7 @@ class TrainConfig:
                        f"context of {verifier_config.max_context}")
     if self.teacher.top_k > verifier_config.vocab_size:
       raise ValueError(f"teacher.top_k={self.teacher.top_k} must be in [1, vocab size "
-                       f"{verifier_config.vocab_size}]")
+                       f"{verifier_config.vocab_size}], or 0 for the whole law")
     if self.draft_vocab > verifier_config.vocab_size:
       raise ValueError(f"draft_vocab={self.draft_vocab} exceeds the verifier's vocabulary of "
                        f"{verifier_config.vocab_size}")

@@ -1,7 +1,8 @@
 """The shared teacher target: the verifier's full-cache next-token law at every continuation position.
 
-Targets are the verifier's top-k probabilities renormalized (softmax over the k largest logits), so
-one representation serves the two sources the config chooses between:
+Targets are the verifier's top-k probabilities renormalized (softmax over the k largest logits), or
+with top_k = 0 its whole law (no ids: the probabilities are dense), so one representation serves
+the two sources the config chooses between:
 - on the fly: the verifier runs inside the training loop;
 - cached: computed once into an array_record file (one record per training sequence) and reused by
   every run over the same sequences (naive, single-budget and multi-view baselines share it).
@@ -30,8 +31,9 @@ from budgetdraft.models.transformer import Transformer
                                              "with_features"))
 def teacher_targets(params, tokens, *, config: ModelConfig, prompt_len: int, top_k: int,
                     prefill_chunk: int = 512, with_features: bool = False):
-  """(token ids [B, C, k] int32, probs [B, C, k] float32) at continuation positions tokens[:, P:],
-  and with_features: the verifier's hidden states [B, S, dim] (float16) at every position."""
+  """(token ids [B, C, k] int32, probs [B, C, k] float32) at continuation positions tokens[:, P:]
+  (top_k = 0: (None, the whole law [B, C, V])), and with_features: the verifier's hidden states
+  [B, S, dim] (float16) at every position."""
   if with_features:
     model = Transformer(config)
     lengths = jnp.full((tokens.shape[0],), tokens.shape[1], jnp.int32)
@@ -45,13 +47,18 @@ def teacher_targets(params, tokens, *, config: ModelConfig, prompt_len: int, top
                                   capacity=tokens.shape[1] + prefill_chunk,
                                   prefill_chunk=prefill_chunk)
     logits = prefill.continuation_logits(params, cache, tokens[:, prompt_len:], config=config)
-  top_logits, ids = jax.lax.top_k(logits, top_k)
-  targets = ids.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1)
+  if top_k:
+    top_logits, ids = jax.lax.top_k(logits, top_k)
+    targets = ids.astype(jnp.int32), jax.nn.softmax(top_logits, axis=-1)
+  else:
+    targets = None, jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
   return targets + (hidden.astype(jnp.float16),) if with_features else targets
 
 
 def dense_probs(ids, probs, vocab_size: int):
-  """[..., V] teacher law from its top-k (ids, probs) [..., k]."""
+  """[..., V] teacher law from its top-k (ids, probs) [..., k]; ids None: probs is the law."""
+  if ids is None:
+    return probs
   dense = jnp.zeros(ids.shape[:-1] + (vocab_size,), jnp.float32)
   return jnp.put_along_axis(dense, ids, probs, axis=-1, inplace=False)
 

@@ -52,8 +52,9 @@ def state_shardings(mesh, state: TrainState, optimizer: optax.GradientTransforma
 
 def make_train_step(model_config: ModelConfig, config: TrainConfig,
                     optimizer: optax.GradientTransformation, shardings: TrainState | None = None):
-  """train_step(state, shared, tokens [B, S], teacher_ids/probs [B, C, k], budgets [M],
-  verifier_hidden [B, S, dim] or None: an EAGLE-style drafter's inputs and regression target).
+  """train_step(state, shared, tokens [B, S], teacher_ids/probs [B, C, k] (ids None: probs is the
+  whole law [B, C, V]), budgets [M], verifier_hidden [B, S, dim] or None: an EAGLE-style
+  drafter's inputs and regression target).
 
   shardings: the state's (`state_shardings`) on a mesh, kept by every step; None on one device.
   """
