@@ -81,8 +81,8 @@ def main(argv):
   if gaps:
     notes += ("\n\nPaired by prompt (gap: the drafter's tokens/call minus the baseline's on the "
               "same prompts; share: its tokens/call over its own full cache's; T=1 gap: its sum "
-              "min(p,q) minus the baseline's; means of the "
-              "per-prompt values, with standard errors over prompts):\n\n"
+              "min(p,q) minus the baseline's; means of the per-prompt values, with standard "
+              "errors over prompts):\n\n"
               + results.markdown_table(gaps))
   per_prompt = (acceptance.PER_PROMPT, acceptance.PER_PROMPT_OVERLAP)
   columns = [key for key in rows[0] if key not in per_prompt]  # the json keeps them
