@@ -152,6 +152,7 @@ def positions_after_prompt(drafters: dict, *, gamma: int, max_new_tokens: int) -
 
 PER_PROMPT = "tokens/call per prompt"
 PER_PROMPT_OVERLAP = "sum min(p,q) per prompt"
+FULL_BUDGET = "full"  # the budget of a full-cache row
 
 
 def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sparsities: list,
@@ -223,7 +224,7 @@ def acceptance_vs_budget(verifier: Checkpoint, drafters: dict, prompts: dict, sp
       stats = sum((s for _, s in measured[1:]), measured[0][1])
       rows.append({"context": context, "drafter": label,
                    "policy": sparsity.policy if sparsity else "full KV",
-                   "budget": sparsity.budget if sparsity else "full",
+                   "budget": sparsity.budget if sparsity else FULL_BUDGET,
                    "greedy acceptance": stats.acceptance_rate,
                    "tokens/call": stats.tokens_per_call,
                    "tokens/call s.e.": results.mean_and_error(
@@ -246,7 +247,7 @@ def paired_gaps(rows: list[dict], drafter: str, baseline: str) -> list[dict]:
   cell = lambda row: (row["context"], row["policy"], row["budget"])
   theirs = {cell(row): row for row in rows if row["drafter"] == baseline}
   mine = [row for row in rows if row["drafter"] == drafter]
-  full = {row["context"]: row[PER_PROMPT] for row in mine if row["budget"] == "full"}
+  full = {row["context"]: row[PER_PROMPT] for row in mine if row["budget"] == FULL_BUDGET}
   gaps = []
   for row in mine:
     if cell(row) not in theirs:
@@ -273,7 +274,7 @@ def plot(rows: list[dict], path: str) -> None:
   panels = {}
   for (context, drafter, policy), points in lines.items():
     if (context, drafter) in full:
-      points = points + [("full", full[(context, drafter)])]
+      points = points + [(FULL_BUDGET, full[(context, drafter)])]
     panels.setdefault(f"{context // 1024}K context", {})[f"{drafter}, {policy}"] = points
   results.plot_lines(path, panels, "drafter KV budget (kept prompt keys per layer and head)",
                      "tokens per verifier call (greedy)")

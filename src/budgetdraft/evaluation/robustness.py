@@ -11,9 +11,7 @@ import json
 
 import numpy as np
 
-from budgetdraft.evaluation import results
-
-FULL = "full"
+from budgetdraft.evaluation import acceptance, results
 
 
 def load_gaps(path: str, drafter: str, baseline: str) -> list[dict]:
@@ -25,6 +23,10 @@ def load_gaps(path: str, drafter: str, baseline: str) -> list[dict]:
     found = sorted({(g["drafter"], g["baseline"]) for g in paired})
     raise ValueError(f"{path} has no pair ({drafter!r}, {baseline!r}); it has {found}")
   return gaps
+
+
+def _sparse(gaps: list[dict]) -> list[dict]:
+  return [g for g in gaps if g["budget"] != acceptance.FULL_BUDGET]
 
 
 def _beyond(value: float, error: float) -> int:
@@ -61,8 +63,8 @@ def summary_rows(label: str, task: str, gaps: list[dict], *, divisor: int,
   rows = []
   for context in sorted({g["context"] for g in gaps}):
     mine = [g for g in gaps if g["context"] == context]
-    sparse = [g for g in mine if g["budget"] != FULL]
-    full = [g for g in mine if g["budget"] == FULL]
+    sparse = _sparse(mine)
+    full = [g for g in mine if g["budget"] == acceptance.FULL_BUDGET]
     budget = context // divisor
     at_budget = {g["policy"]: g for g in sparse if g["budget"] == budget}
     if not at_budget:
@@ -84,9 +86,7 @@ def summary_rows(label: str, task: str, gaps: list[dict], *, divisor: int,
 def budget_rows(label: str, task: str, gaps: list[dict]) -> list[dict]:
   """One row per context and policy: the tokens/call gap to the baseline at each budget."""
   rows = {}
-  for g in gaps:
-    if g["budget"] == FULL:
-      continue
+  for g in _sparse(gaps):
     key = (g["context"], g["policy"])
     row = rows.setdefault(key, {"drafters": label, "task": task, "context": g["context"],
                                 "policy": g["policy"]})
@@ -102,19 +102,17 @@ def plot(runs: list[tuple[str, str, list[dict]]], path: str, *, target: float) -
   import matplotlib.pyplot as plt
   tasks = list(dict.fromkeys(task for _, task, _ in runs))
   labels = list(dict.fromkeys(label for label, _, _ in runs))
-  budgets = sorted({g["budget"] for _, _, gaps in runs for g in gaps if g["budget"] != FULL})
-  policies = list(dict.fromkeys(g["policy"] for _, _, gaps in runs for g in gaps
-                                if g["budget"] != FULL))
+  budgets = sorted({g["budget"] for _, _, gaps in runs for g in _sparse(gaps)})
+  policies = list(dict.fromkeys(g["policy"] for _, _, gaps in runs for g in _sparse(gaps)))
   fig, axes = plt.subplots(1, len(tasks), figsize=(5 * len(tasks), 4), squeeze=False)
   for ax, task in zip(axes[0], tasks):
     for label, run_task, gaps in runs:
       if run_task != task:
         continue
       lines = {}
-      for g in gaps:
-        if g["budget"] != FULL:
-          lines.setdefault((g["context"], g["policy"]), []).append(
-              (budgets.index(g["budget"]), g["share of own full"]))
+      for g in _sparse(gaps):
+        lines.setdefault((g["context"], g["policy"]), []).append(
+            (budgets.index(g["budget"]), g["share of own full"]))
       for (context, policy), points in lines.items():
         points = sorted(points)
         ax.plot([x for x, _ in points], [y for _, y in points],
